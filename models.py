@@ -58,6 +58,37 @@ class Trunk(nn.Module):
         return self(images).mean(dim=(2, 3))
 
 
+def load_trunk(weights: str, arch: str, stem: str) -> Trunk:
+    """A Trunk with weights from a backbone.pth (torchvision keys), a train.py checkpoint.pth, or
+    'random' (random init, the baseline). Raises ValueError with a one-line explanation when the
+    file is missing or holds another arch/stem."""
+    trunk = Trunk(arch, stem)
+    if weights == "random":
+        return trunk
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"weights file {weights} does not exist; pass a backbone.pth, a checkpoint.pth or 'random'") from None
+    except Exception as error:
+        raise ValueError(f"cannot read {weights} as a torch file ({type(error).__name__}); is it a backbone.pth?") from None
+    if isinstance(state, dict) and "model" in state and "args" in state:     # a train.py checkpoint
+        saved = state["args"]
+        if (saved.get("arch"), saved.get("stem")) != (arch, stem):
+            raise ValueError(f"{weights} was trained with --arch {saved.get('arch')} --stem {saved.get('stem')}; "
+                             f"pass those instead of --arch {arch} --stem {stem}")
+        state = {k[len("online.trunk."):]: v for k, v in state["model"].items() if k.startswith("online.trunk.")}
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights} holds no state_dict")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    mine = trunk.state_dict()
+    wrong = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
+    if wrong:
+        raise ValueError(f"{weights} does not fit a {arch} trunk with the {stem} stem ({len(wrong)} tensors missing "
+                         f"or of another shape, e.g. {wrong[0]}); check --arch and --stem")
+    trunk.load_state_dict(state, strict=False)
+    return trunk
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn.Sequential:
     """Linear -> [BN] -> ReLU -> Linear: [N, in_dim] -> [N, out_dim]."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=not batch_norm),
