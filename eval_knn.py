@@ -1,0 +1,247 @@
+"""k-NN evaluation of a frozen trunk (METHOD.md section 5), and the pieces eval_linear.py shares.
+
+A test image's score for class c is the sum of exp(cos / T) over those of its k nearest training
+images (cosine similarity of pooled fp32 features) that belong to c (Wu et al. 2018, as DINO's
+eval_knn). The features of both splits are extracted once and serve every k.
+
+    python eval_knn.py --weights backbone.pth --arch resnet50 --dataset imagefolder \
+        --train-dir imagenet/train --val-dir imagenet/val --out knn.json
+    python eval_knn.py --weights random --arch resnet18 --stem cifar --dataset cifar10 --data data/ --image-size 32
+    torchrun --nproc_per_node 8 eval_knn.py ...    # each process extracts a shard of the features
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Subset
+
+from data import DATASETS, build_dataset, eval_transform
+from models import ARCHS, load_trunk, rank, world_size
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags both evaluation scripts share (weights, network, data, loader, output); returns parser."""
+    parser.add_argument("--weights", required=True, help="a backbone.pth, a train.py checkpoint.pth, or 'random'")
+    parser.add_argument("--arch", default="resnet50", choices=ARCHS)
+    parser.add_argument("--stem", default="imagenet", choices=("imagenet", "cifar"))
+    parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
+    parser.add_argument("--train-dir", help="imagefolder: the training split, one folder per class")
+    parser.add_argument("--val-dir", help="imagefolder: the validation split, the same class folders")
+    parser.add_argument("--data", help="cifar10, cifar100, stl10: torchvision's dataset folder")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--out", help="also write the results as JSON to this file")
+    return parser
+
+
+def init_distributed() -> torch.device:
+    """Join torchrun's process group when RANK and WORLD_SIZE are set (nccl on CUDA, gloo on CPU),
+    else stay a world of one. Returns the device this process computes on."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def build_trunk(args, device) -> torch.nn.Module:
+    """models.load_trunk(args.weights, args.arch, args.stem) on device (channels_last on CUDA), in
+    eval mode. A bad --weights becomes SystemExit with load_trunk's one-line message."""
+    try:
+        trunk = load_trunk(args.weights, args.arch, args.stem)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    return trunk.to(device, memory_format=_memory_format(device)).eval()
+
+
+def _memory_format(device) -> torch.memory_format:
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+
+
+def to_device(images: torch.Tensor, device) -> torch.Tensor:
+    """images [B, 3, H, W] -> the same on device, channels_last there when it is a GPU."""
+    return images.to(device, non_blocking=True, memory_format=_memory_format(device))
+
+
+def _split(args, train: bool, transform):
+    if args.dataset == "imagefolder":
+        flag, folder = ("--train-dir", args.train_dir) if train else ("--val-dir", args.val_dir)
+        if not folder:
+            raise SystemExit(f"{flag} is required with --dataset imagefolder")
+        if not os.path.isdir(folder):
+            raise SystemExit(f"{flag} {folder} does not exist")
+        return build_dataset("imagefolder", folder, train, transform, args.image_size)
+    if args.dataset == "stl10" and train:
+        # build_dataset's stl10 training split is train+unlabeled (pre-training): evaluation wants
+        # the 5k labelled images only (the 100k unlabeled ones carry no class).
+        try:
+            return torchvision.datasets.STL10(args.data or "", split="train", transform=transform, download=True)
+        except Exception as error:
+            raise SystemExit(f"could not load stl10 from {args.data} ({type(error).__name__}: {error})") from None
+    return build_dataset(args.dataset, args.data, train, transform, args.image_size)
+
+
+def build_splits(args, train_transform, val_transform):
+    """The dataset flags -> (train dataset, val dataset, num_classes); SystemExit with a one-line
+    message when a split is missing or the two splits have different classes."""
+    train_set, val_set = _split(args, True, train_transform), _split(args, False, val_transform)
+    classes = getattr(train_set, "classes", None)
+    if classes is None:                                     # FakeData
+        return train_set, val_set, train_set.num_classes
+    if getattr(val_set, "classes", classes) != classes:
+        raise SystemExit(f"the val split has {len(val_set.classes)} classes, the train split {len(classes)} "
+                         f"(or other names): both need the same class folders")
+    return train_set, val_set, len(classes)
+
+
+def shard_loader(dataset, batch_size: int, workers: int) -> DataLoader:
+    """An unshuffled loader over this process's contiguous shard of dataset (rank r of W gets
+    images [N*r/W, N*(r+1)/W)), so that gathering the shards in rank order restores dataset order."""
+    n, world, r = len(dataset), world_size(), rank()
+    shard = Subset(dataset, range(n * r // world, n * (r + 1) // world))
+    return DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+def _gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate [n_r, ...] tensors of every process in rank order; n_r may differ between processes."""
+    if world_size() == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes))
+    # all_gather wants equal shapes: pad every part to the longest, trim after.
+    padded = torch.cat([tensor, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:int(n)] for part, n in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def extract_features(trunk, loader, device):
+    """Pooled features (Trunk.pooled, fp32, no autocast) of every image that loader yields, gathered
+    over all processes in rank order. The trunk (already on device) is put in eval mode, so its BN
+    statistics stay as they are. loader yields (images [B, 3, H, W], labels [B]).
+
+    Returns (features [N, C] fp32, labels [N] int64) on device, N summed over processes. The features
+    are NOT L2-normalised: the linear probe wants them raw; knn_predict / evaluate_knn normalise.
+    """
+    trunk.eval()
+    device = torch.device(device)
+    features = [torch.zeros(0, trunk.out_channels, device=device)]
+    labels = [torch.zeros(0, dtype=torch.long, device=device)]
+    for images, targets in loader:
+        features.append(trunk.pooled(to_device(images, device)).float())
+        labels.append(torch.as_tensor(targets).to(device).long())
+    return _gather(torch.cat(features)), _gather(torch.cat(labels))
+
+
+def _neighbours(train_features, train_labels, test_features, k: int, chunk_size: int):
+    """Per chunk of test rows: (cosine similarities [n, k] sorted descending, their labels [n, k])."""
+    train = F.normalize(train_features.float(), dim=1)
+    for chunk in F.normalize(test_features.float(), dim=1).split(chunk_size):
+        # neighbours tied at the k-th place: whichever torch.topk returns (deterministic per input and device)
+        similarities, index = (chunk @ train.T).topk(k, dim=1)
+        yield similarities, train_labels[index]
+
+
+def _votes(similarities, labels, k: int, temperature: float, num_classes: int) -> torch.Tensor:
+    """[n, >=k] sorted neighbours -> class scores [n, num_classes]: sums of exp(sim / T) of the first k."""
+    weights = (similarities[:, :k] / temperature).exp()
+    scores = torch.zeros(len(similarities), num_classes, device=similarities.device)
+    return scores.scatter_add_(1, labels[:, :k], weights)
+
+
+def knn_predict(train_features, train_labels, test_features, k: int, temperature: float, num_classes: int,
+                chunk_size: int = 256) -> torch.Tensor:
+    """Weighted k-NN class scores.
+
+    train_features [N, C], train_labels [N] int64, test_features [M, C] (raw or normalised: both are
+    L2-normalised here), k (clamped to N), temperature T. Returns scores [M, num_classes] fp32, where
+    scores[i, c] = sum of exp(cos(test_i, train_j) / T) over the k nearest train_j of class c.
+    The similarity matrix is computed chunk_size test rows at a time.
+    """
+    k = min(k, len(train_features))
+    scores = [torch.zeros(0, num_classes, device=test_features.device)]
+    for similarities, labels in _neighbours(train_features, train_labels, test_features, k, chunk_size):
+        scores.append(_votes(similarities, labels, k, temperature, num_classes))
+    return torch.cat(scores)
+
+
+def _count_correct(scores, labels):
+    # stable descending sort: of tied scores the lower class index ranks first
+    ranked = scores.sort(dim=1, descending=True, stable=True).indices[:, :5]   # all classes if fewer than 5
+    hits = ranked == labels[:, None].to(ranked.device)
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor):
+    """scores [N, K], labels [N] -> (top-1 %, top-5 %) floats; top-5 is top-K when K < 5. Tied scores
+    rank the lower class index first. An empty set gives (0, 0)."""
+    top1, top5 = _count_correct(scores, labels)
+    return 100.0 * top1 / max(len(labels), 1), 100.0 * top5 / max(len(labels), 1)
+
+
+def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, temperature: float,
+                 num_classes: int, chunk_size: int = 256) -> dict:
+    """k-NN accuracy for every k in ks: {k: {"top1": %, "top5": %}} (keys as given, each k clamped to
+    the train size). Shapes as knn_predict, test_labels [M]. One similarity pass serves all k: the
+    max(ks) nearest neighbours are found once per chunk and each k votes with the first k of them."""
+    n_train = len(train_features)
+    counts = {k: [0, 0] for k in ks}
+    start = 0
+    for similarities, labels in _neighbours(train_features, train_labels, test_features,
+                                            min(max(ks), n_train), chunk_size):
+        truth = test_labels[start:start + len(similarities)]
+        start += len(similarities)
+        for k in ks:
+            scores = _votes(similarities, labels, min(k, n_train), temperature, num_classes)
+            top1, top5 = _count_correct(scores, truth)
+            counts[k][0] += top1
+            counts[k][1] += top5
+    n = max(len(test_labels), 1)
+    return {k: {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n} for k, (top1, top5) in counts.items()}
+
+
+def main():
+    parser = add_common_args(argparse.ArgumentParser(description="k-NN evaluation of a frozen trunk"))
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 20, 200])
+    parser.add_argument("--temperature", type=float, default=0.07)
+    args = parser.parse_args()
+    if min(args.k) < 1 or args.temperature <= 0:
+        parser.error("--k values and --temperature must be positive")
+    device = init_distributed()
+    trunk = build_trunk(args, device)
+    transform = eval_transform(args.image_size)
+    train_set, val_set, num_classes = build_splits(args, transform, transform)
+    start = time.time()
+    train_features, train_labels = extract_features(trunk, shard_loader(train_set, args.batch_size, args.workers), device)
+    test_features, test_labels = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device)
+    seconds = time.time() - start
+    if rank() == 0:
+        results = evaluate_knn(train_features, train_labels, test_features, test_labels, args.k,
+                               args.temperature, num_classes)
+        print(f"k-NN on {len(train_labels)} train / {len(test_labels)} test images, {num_classes} classes, "
+              f"T={args.temperature}, features in {seconds:.0f}s")
+        print(f"{'k':>6} {'top-1':>7} {'top-5':>7}")
+        for k, result in results.items():
+            clamped = f"  (k clamped to {len(train_labels)})" if k > len(train_labels) else ""
+            print(f"{k:>6} {result['top1']:7.2f} {result['top5']:7.2f}{clamped}")
+        if args.out:
+            with open(args.out, "w") as file:
+                json.dump({"args": vars(args), "num_train": len(train_labels), "num_test": len(test_labels),
+                           "num_classes": num_classes, "knn": {str(k): r for k, r in results.items()}}, file, indent=2)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
