@@ -93,20 +93,20 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
     Raises SystemExit with a one-line fix when the data is missing.
     """
     if name not in DATASETS:
-        raise SystemExit(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise SystemExit(f"error: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "fake":
         return torchvision.datasets.FakeData(fake_size if train else max(fake_size // 4, 16),
                                              (3, image_size, image_size), 10, transform,
                                              random_offset=0 if train else 10**6)
     if not root:
-        raise SystemExit(f"--data is required for dataset {name}: point it at the dataset's folder")
+        raise SystemExit(f"error: --data is required for dataset {name}: point it at the dataset's folder")
     if name == "imagefolder":
         if not os.path.isdir(root):
-            raise SystemExit(f"data folder {root} does not exist; pass --data DIR with one folder per class")
+            raise SystemExit(f"error: data folder {root} does not exist; pass --data DIR with one folder per class")
         try:
             return SafeImageFolder(root, transform)
         except (FileNotFoundError, RuntimeError) as error:   # no class folders or no images
-            raise SystemExit(f"no images found under {root} ({error}); --data must hold one folder "
+            raise SystemExit(f"error: no images found under {root} ({error}); --data must hold one folder "
                              f"per class with .jpg/.png files inside") from None
     kind = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
             "stl10": torchvision.datasets.STL10}[name]
@@ -115,7 +115,7 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
             return kind(root, split="train+unlabeled" if train else "test", transform=transform, download=True)
         return kind(root, train=train, transform=transform, download=True)
     except Exception as error:   # no internet, partial download, wrong folder
-        raise SystemExit(f"could not load {name} from {root} ({type(error).__name__}: {error}); download it "
+        raise SystemExit(f"error: could not load {name} from {root} ({type(error).__name__}: {error}); download it "
                          f"there, or extract an image-folder copy and use --dataset imagefolder") from None
 
 

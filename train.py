@@ -9,6 +9,7 @@ optimizer step; one EMA step of the target. Rank 0 writes checkpoint.pth, backbo
 to --out. Defaults are the paper's ImageNet recipe of the chosen framework (METHOD.md section 4).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -78,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--knn-every", type=int, default=0, help="k-NN monitor every N epochs (0 = off)")
     p.add_argument("--knn-final", action="store_true",
                    help="at the end, k-NN of the trained backbone next to a random-init one")
+    p.add_argument("--knn-samples", type=int, default=10000, help="images per split for the k-NN monitor")
     p.add_argument("--fake-size", type=int, default=512, help="images in --dataset fake")
     p.add_argument("--demo", action="store_true", help="CPU demo on CIFAR-10: " + ", ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()))
@@ -197,6 +199,10 @@ def load_checkpoint(path: str, args, learner, optimizer, scaler):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         fail(f"--resume: no checkpoint at {path}; drop --resume or point --out at the run's folder")
+    except Exception as error:
+        fail(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}); delete it or use another --out")
+    if not isinstance(state, dict) or "args" not in state or "model" not in state:
+        fail(f"--resume: {path} is not a train.py checkpoint")
     saved = state["args"]
     for key in ("framework", "arch", "stem", "views", "crops", "image_size"):
         if saved[key] != getattr(args, key):
@@ -208,35 +214,59 @@ def load_checkpoint(path: str, args, learner, optimizer, scaler):
     return state["step"]
 
 
-def knn_report(trunk, args, device, baseline: bool):
-    """k-NN top-1 (k=20) of `trunk` on the val split, and of a random-init trunk when baseline."""
-    from eval_knn import extract_features, knn_predict   # only when the monitor is on
-    root = args.val_data or next((os.path.join(os.path.dirname(os.path.abspath(args.data)), name)
-                                  for name in ("val", "test")
-                                  if args.data and os.path.isdir(os.path.join(os.path.dirname(
-                                      os.path.abspath(args.data)), name))), None)
-    if args.dataset == "imagefolder" and root is None:
-        print("k-NN monitor skipped: no --val-data and no val/ or test/ folder beside --data")
-        return {}
+def knn_report(trunk, args, device, baseline: bool) -> dict:
+    """k-NN top-1 % (k=20, T=0.07) on the val split of `trunk`, and of a random-init trunk when
+    baseline. At most --knn-samples images per split (a fixed random subset) keep it to minutes.
+    Every process extracts a shard of the features (eval_knn.extract_features gathers them)."""
+    from eval_knn import evaluate_knn, extract_features, shard_loader
+    val_root = args.data
+    if args.dataset == "imagefolder":
+        parent = os.path.dirname(os.path.abspath(args.data))
+        val_root = args.val_data or next((os.path.join(parent, n) for n in ("val", "test")
+                                          if os.path.isdir(os.path.join(parent, n))), None)
+        if val_root is None:
+            print("k-NN skipped: no --val-data and no val/ or test/ folder beside --data")
+            return {}
     transform = data.eval_transform(args.image_size)
-    train_set = data.build_dataset(args.dataset, args.data, True, transform, args.image_size, args.fake_size)
-    val_set = data.build_dataset(args.dataset, root if args.dataset == "imagefolder" else args.data, False,
-                                 transform, args.image_size, args.fake_size)
-    loader = lambda dataset: torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.workers)
+    splits = []
+    for train, root in ((True, args.data), (False, val_root)):
+        split = data.build_dataset(args.dataset, root, train, transform, args.image_size, args.fake_size)
+        if len(split) > args.knn_samples:
+            keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:args.knn_samples]
+            split = torch.utils.data.Subset(split, keep.tolist())
+        splits.append(shard_loader(split, 256, args.workers))
     results = {}
-    for name, net in [("trained", trunk)] + ([("random-init", models.Trunk(args.arch, args.stem))] if baseline else []):
-        net = net.to(device).eval()
-        train_features, train_labels = extract_features(net, loader(train_set), device)
-        val_features, val_labels = extract_features(net, loader(val_set), device)
-        num_classes = int(train_labels.max()) + 1
-        scores = knn_predict(train_features, train_labels, val_features, 20, 0.07, num_classes)
-        results[name] = 100.0 * (scores.argmax(1) == val_labels).float().mean().item()
+    nets = [("trained", trunk)] + ([("random-init", models.Trunk(args.arch, args.stem).to(device))] if baseline else [])
+    for name, net in nets:
+        (train_x, train_y), (val_x, val_y) = [extract_features(net, loader, device) for loader in splits]
+        num_classes = int(train_y.max()) + 1
+        results[name] = evaluate_knn(train_x, train_y, val_x, val_y, [20], 0.07, num_classes)[20]["top1"]
     trunk.train()
     return results
 
 
-def main(argv=None):
+@contextlib.contextmanager
+def stop_requests():
+    """Turn SIGTERM (cluster preemption) and Ctrl-C into a request the loop polls after each step, so
+    it can save a checkpoint instead of dying mid-step. Yields the list the handler appends to."""
+    received = []
+    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
+    with stop_requests() as stop_signal:
+        return train(args, stop_signal)
+
+
+def train(args, stop_signal: list) -> int:
+    """The training run: returns 0 when done, 1 when stopped by a signal (checkpoint saved)."""
     device = setup_distributed()
     world, rank = models.world_size(), models.rank()
     check_args(args, world)
@@ -288,10 +318,6 @@ def main(argv=None):
                              "scaler": scaler.state_dict(), "epoch": epoch_done, "step": step,
                              "args": vars(args)}, checkpoint_path)
             save_atomically(learner.online.trunk.state_dict(), os.path.join(args.out, "backbone.pth"))
-
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, frame: stop_signal.append(number))
 
     log(f"{args.framework} + {args.views} views | {args.arch} ({args.stem} stem) | {len(dataset)} images | "
         f"{world} process(es) on {device.type} | batch {args.batch_size} | {steps_per_epoch} steps/epoch | "
