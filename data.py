@@ -84,12 +84,13 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
         raise RuntimeError("no readable image in the dataset")
 
 
-def build_dataset(name: str, root: str, train: bool, transform, image_size: int = 224, fake_size: int = 512):
+def build_dataset(name: str, root: str, train: bool, transform, image_size: int = 224, fake_size: int = 512,
+                  unlabeled: bool = False):
     """A torchvision dataset for one split.
 
     imagefolder: `root` is the split's folder of class folders (e.g. imagenet/train). cifar10,
     cifar100, stl10: torchvision's classes under `root` (downloaded there when missing and the
-    internet can be reached; stl10 pre-training uses train+unlabeled). fake: random images.
+    internet can be reached; unlabeled=True adds STL-10's 100k unlabeled images, for pre-training). fake: random images.
     Raises SystemExit with a one-line fix when the data is missing.
     """
     if name not in DATASETS:
@@ -112,7 +113,7 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
             "stl10": torchvision.datasets.STL10}[name]
     try:
         if name == "stl10":
-            return kind(root, split="train+unlabeled" if train else "test", transform=transform, download=True)
+            return kind(root, split=("train+unlabeled" if unlabeled else "train") if train else "test", transform=transform, download=True)
         return kind(root, train=train, transform=transform, download=True)
     except Exception as error:   # no internet, partial download, wrong folder
         raise SystemExit(f"error: could not load {name} from {root} ({type(error).__name__}: {error}); download it "

@@ -36,6 +36,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--seed", type=int, default=0, help="also seeds the 'random' trunk, the same on every process")
     parser.add_argument("--out", help="also write the results as JSON to this file")
     return parser
 
@@ -54,11 +55,14 @@ def init_distributed() -> torch.device:
 
 def build_trunk(args, device) -> torch.nn.Module:
     """models.load_trunk(args.weights, args.arch, args.stem) on device (channels_last on CUDA), in
-    eval mode. A bad --weights becomes SystemExit with load_trunk's one-line message."""
+    eval mode; --weights random is initialised from args.seed (default 0), so every process of a
+    torchrun and every run builds the same random trunk. A bad --weights becomes SystemExit with
+    load_trunk's one-line message."""
+    torch.manual_seed(getattr(args, "seed", 0))
     try:
         trunk = load_trunk(args.weights, args.arch, args.stem)
     except ValueError as error:
-        raise SystemExit(str(error)) from None
+        raise SystemExit(f"error: {error}") from None
     return trunk.to(device, memory_format=_memory_format(device)).eval()
 
 
@@ -75,17 +79,17 @@ def _split(args, train: bool, transform):
     if args.dataset == "imagefolder":
         flag, folder = ("--train-dir", args.train_dir) if train else ("--val-dir", args.val_dir)
         if not folder:
-            raise SystemExit(f"{flag} is required with --dataset imagefolder")
+            raise SystemExit(f"error: {flag} is required with --dataset imagefolder")
         if not os.path.isdir(folder):
-            raise SystemExit(f"{flag} {folder} does not exist")
+            raise SystemExit(f"error: {flag} {folder} does not exist")
         return build_dataset("imagefolder", folder, train, transform, args.image_size)
-    if args.dataset == "stl10" and train:
+    if args.dataset == "stl10" and train and args.data:   # without --data, build_dataset says so
         # build_dataset's stl10 training split is train+unlabeled (pre-training): evaluation wants
         # the 5k labelled images only (the 100k unlabeled ones carry no class).
         try:
-            return torchvision.datasets.STL10(args.data or "", split="train", transform=transform, download=True)
+            return torchvision.datasets.STL10(args.data, split="train", transform=transform, download=True)
         except Exception as error:
-            raise SystemExit(f"could not load stl10 from {args.data} ({type(error).__name__}: {error})") from None
+            raise SystemExit(f"error: could not load stl10 from {args.data} ({type(error).__name__}: {error})") from None
     return build_dataset(args.dataset, args.data, train, transform, args.image_size)
 
 
@@ -97,7 +101,7 @@ def build_splits(args, train_transform, val_transform):
     if classes is None:                                     # FakeData
         return train_set, val_set, train_set.num_classes
     if getattr(val_set, "classes", classes) != classes:
-        raise SystemExit(f"the val split has {len(val_set.classes)} classes, the train split {len(classes)} "
+        raise SystemExit(f"error: the val split has {len(val_set.classes)} classes, the train split {len(classes)} "
                          f"(or other names): both need the same class folders")
     return train_set, val_set, len(classes)
 
@@ -147,8 +151,9 @@ def extract_features(trunk, loader, device):
 def _neighbours(train_features, train_labels, test_features, k: int, chunk_size: int):
     """Per chunk of test rows: (cosine similarities [n, k] sorted descending, their labels [n, k])."""
     train = F.normalize(train_features.float(), dim=1)
+    train_labels = train_labels.to(train.device)
     for chunk in F.normalize(test_features.float(), dim=1).split(chunk_size):
-        # neighbours tied at the k-th place: whichever torch.topk returns (deterministic per input and device)
+        # of neighbours tied at the k-th place, whichever torch.topk returns is taken
         similarities, index = (chunk @ train.T).topk(k, dim=1)
         yield similarities, train_labels[index]
 
@@ -170,7 +175,7 @@ def knn_predict(train_features, train_labels, test_features, k: int, temperature
     The similarity matrix is computed chunk_size test rows at a time.
     """
     k = min(k, len(train_features))
-    scores = [torch.zeros(0, num_classes, device=test_features.device)]
+    scores = [torch.zeros(0, num_classes, device=train_features.device)]
     for similarities, labels in _neighbours(train_features, train_labels, test_features, k, chunk_size):
         scores.append(_votes(similarities, labels, k, temperature, num_classes))
     return torch.cat(scores)

@@ -157,21 +157,20 @@ def main():
     parser.add_argument("--wd", type=float, default=0.0)
     parser.add_argument("--augment", action="store_true", help="RandomResizedCrop + flip through the trunk every epoch")
     parser.add_argument("--label-fraction", type=float, default=1.0, help="class-balanced subset of the train labels")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     epochs = args.epochs or (90 if args.augment else 100)
     if epochs < 1 or min(args.lr) <= 0:
         parser.error("--epochs and --lr must be positive")
     device = init_distributed()
-    torch.manual_seed(args.seed)
     trunk = build_trunk(args, device)
+    torch.manual_seed(args.seed)   # the heads' initialisation
     train_set, val_set, num_classes = build_splits(args, eval_transform(args.image_size, augment=args.augment),
                                                    eval_transform(args.image_size))
     if args.label_fraction != 1:
         try:
             train_set = Subset(train_set, balanced_subset(dataset_labels(train_set), args.label_fraction, args.seed).tolist())
         except ValueError as error:
-            raise SystemExit(str(error)) from None
+            raise SystemExit(f"error: {error}") from None
     start = time.time()
     # the trunk is frozen: the val features are the same every epoch, in both modes
     val_features, val_labels = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device)

@@ -26,12 +26,13 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
     negatives. logits = [queries @ keys.T, queries @ queue.T] / temperature, [N, K+Q]; the positive
     of query n is column targets[n] (< K). Returns mean(weights * cross-entropy), a scalar.
     """
-    queries, keys = queries.float(), keys.float()
-    logits = queries @ keys.T                                                   # [N, K]
-    if queue is not None:
-        logits = torch.cat([logits, queries @ queue.float().T], dim=1)          # [N, K+Q]
-    per_query = F.cross_entropy(logits / temperature, targets, reduction="none")  # [N]
-    return _weighted_mean(per_query, weights)
+    with torch.autocast(queries.device.type, enabled=False):   # else matmuls run in bf16/fp16 anyway
+        queries, keys = queries.float(), keys.float()
+        logits = queries @ keys.T                                               # [N, K]
+        if queue is not None:
+            logits = torch.cat([logits, queries @ queue.float().T], dim=1)      # [N, K+Q]
+        per_query = F.cross_entropy(logits / temperature, targets, reduction="none")  # [N]
+        return _weighted_mean(per_query, weights)
 
 
 def byol_loss(predictions: torch.Tensor, target_embeddings: torch.Tensor, targets: torch.Tensor,
@@ -41,6 +42,7 @@ def byol_loss(predictions: torch.Tensor, target_embeddings: torch.Tensor, target
     predictions [N, D] from the online branch, target_embeddings [K, D] from the target branch
     (no gradient reaches them), targets [N] indices into target_embeddings. Ranges over [0, 4].
     """
-    p = F.normalize(predictions.float(), dim=1)                                 # [N, D]
-    z = F.normalize(target_embeddings.detach().float(), dim=1)[targets]         # [N, D]
-    return _weighted_mean(2 - 2 * (p * z).sum(dim=1), weights)
+    with torch.autocast(predictions.device.type, enabled=False):
+        p = F.normalize(predictions.float(), dim=1)                             # [N, D]
+        z = F.normalize(target_embeddings.detach().float(), dim=1)[targets]     # [N, D]
+        return _weighted_mean(2 - 2 * (p * z).sum(dim=1), weights)

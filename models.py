@@ -79,7 +79,7 @@ def load_trunk(weights: str, arch: str, stem: str) -> Trunk:
         state = {k[len("online.trunk."):]: v for k, v in state["model"].items() if k.startswith("online.trunk.")}
     if not isinstance(state, dict):
         raise ValueError(f"{weights} holds no state_dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     mine = trunk.state_dict()
     wrong = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
     if wrong:
@@ -139,10 +139,11 @@ class Encoder(nn.Module):
         """
         if isinstance(local, Mosaic):
             feature_map = self.trunk(local.images)                                   # [B, C, h, w]
-            rois = local.rois.to(feature_map.dtype)
-            crop_maps = roi_align(feature_map, rois, output_size=self.roi_size,        # [B*M, C, r, r]
+            # fp32 boxes whatever the autocast dtype: bf16 holds integers only up to 256, so batch
+            # indices and pixel corners beyond that would snap to the wrong mosaic or pixel.
+            crop_maps = roi_align(feature_map.float(), local.rois.float(), output_size=self.roi_size,
                                   spatial_scale=1.0 / self.trunk.stride, sampling_ratio=2, aligned=True)
-            return self.head(crop_maps), local.targets, local.weights
+            return self.head(crop_maps.to(feature_map.dtype)), local.targets, local.weights   # [B*M, D]
         B, M = local.shape[:2]
         embeddings = self(local.flatten(0, 1))                                       # [B*M, D], row b*M+j
         return embeddings, torch.arange(B, device=local.device).repeat_interleave(M), None

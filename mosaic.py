@@ -76,13 +76,13 @@ def sample_beta(alpha: float, n: int, generator: Optional[torch.Generator] = Non
     """n draws of Beta(alpha, alpha) that honour `generator` (torch.distributions cannot).
 
     Beta(a, a) = X / (X + Y) with X, Y ~ Gamma(a). Gamma uses Marsaglia-Tsang on shape a + 1
-    (acceptance > 95 %), vectorised over 16 proposals per draw, then the boost U^(1/a) for a < 1.
+    (acceptance > 95 %), vectorised over 16 proposals per draw, then the boost U^(1/a).
     """
     if alpha <= 0:
         raise ValueError(f"jitter alpha must be positive, got {alpha}")
     gen_device = generator.device if generator is not None else torch.device(device or "cpu")
 
-    def gamma(count):
+    def log_gamma(count):
         d = alpha + 1.0 - 1.0 / 3.0
         c = 1.0 / math.sqrt(9.0 * d)
         out = torch.empty(0, device=gen_device)
@@ -92,11 +92,12 @@ def sample_beta(alpha: float, n: int, generator: Optional[torch.Generator] = Non
             v = (1 + c * z) ** 3
             ok = (v > 0) & (torch.log(u) < 0.5 * z ** 2 + d - d * v + d * torch.log(v.clamp_min(1e-12)))
             out = torch.cat([out, (d * v)[ok]])
-        boost = torch.rand(count, generator=generator, device=gen_device) ** (1.0 / alpha)
-        return out[:count] * boost
+        # log space: for small alpha, U^(1/alpha) underflows to 0 and X / (X + Y) would be 0/0.
+        boost = torch.rand(count, generator=generator, device=gen_device).clamp_min(1e-38).log() / alpha
+        return out[:count].log() + boost
 
-    x, y = gamma(n), gamma(n)
-    return (x / (x + y)).to(device or gen_device)
+    # X / (X + Y) = sigmoid(log X - log Y)
+    return torch.sigmoid(log_gamma(n) - log_gamma(n)).to(device or gen_device)
 
 
 def jitter(mosaics: torch.Tensor, boxes: torch.Tensor, max_shift: float, alpha: float = 0.5,

@@ -236,6 +236,7 @@ def knn_report(trunk, args, device, baseline: bool) -> dict:
             split = torch.utils.data.Subset(split, keep.tolist())
         splits.append(shard_loader(split, 256, args.workers))
     results = {}
+    torch.manual_seed(args.seed)   # the same random-init baseline on every rank
     nets = [("trained", trunk)] + ([("random-init", models.Trunk(args.arch, args.stem).to(device))] if baseline else [])
     for name, net in nets:
         (train_x, train_y), (val_x, val_y) = [extract_features(net, loader, device) for loader in splits]
@@ -283,7 +284,8 @@ def train(args, stop_signal: list) -> int:
     local_batch = args.batch_size // world
     num_crops = 0 if args.views == "two" else args.crops
     transform = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, num_crops)
-    dataset = data.build_dataset(args.dataset, args.data, True, transform, args.image_size, args.fake_size)
+    dataset = data.build_dataset(args.dataset, args.data, True, transform, args.image_size, args.fake_size,
+                                 unlabeled=True)
     loader = data.build_train_loader(dataset, local_batch, args.workers, args.seed)
     steps_per_epoch = loader.sampler.batches_per_epoch
     if steps_per_epoch == 0:
