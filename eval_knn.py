@@ -17,11 +17,10 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from torch.utils.data import DataLoader, Subset
 
 from data import DATASETS, build_dataset, eval_transform
-from models import ARCHS, load_trunk, rank, world_size
+from models import ARCHS, init_distributed, load_trunk, rank, world_size
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -39,18 +38,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="also seeds the 'random' trunk, the same on every process")
     parser.add_argument("--out", help="also write the results as JSON to this file")
     return parser
-
-
-def init_distributed() -> torch.device:
-    """Join torchrun's process group when RANK and WORLD_SIZE are set (nccl on CUDA, gloo on CPU),
-    else stay a world of one. Returns the device this process computes on."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return device
 
 
 def build_trunk(args, device) -> torch.nn.Module:
@@ -83,13 +70,6 @@ def _split(args, train: bool, transform):
         if not os.path.isdir(folder):
             raise SystemExit(f"error: {flag} {folder} does not exist")
         return build_dataset("imagefolder", folder, train, transform, args.image_size)
-    if args.dataset == "stl10" and train and args.data:   # without --data, build_dataset says so
-        # build_dataset's stl10 training split is train+unlabeled (pre-training): evaluation wants
-        # the 5k labelled images only (the 100k unlabeled ones carry no class).
-        try:
-            return torchvision.datasets.STL10(args.data, split="train", transform=transform, download=True)
-        except Exception as error:
-            raise SystemExit(f"error: could not load stl10 from {args.data} ({type(error).__name__}: {error})") from None
     return build_dataset(args.dataset, args.data, train, transform, args.image_size)
 
 

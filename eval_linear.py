@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 from data import eval_transform
-from eval_knn import (accuracy, add_common_args, build_splits, build_trunk, extract_features, init_distributed,
+from eval_knn import (accuracy, add_common_args, build_splits, build_trunk, extract_features,
                       shard_loader, to_device)
-from models import rank, world_size
+from models import init_distributed, rank, world_size
 
 
 def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:

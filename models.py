@@ -7,6 +7,7 @@ returns a dict of scalar losses {loss, loss_global, loss_local}. The same code r
 turn into no-ops when there is no process group. Imports only torch, torchvision and mosaic.Mosaic.
 """
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -147,6 +148,18 @@ class Encoder(nn.Module):
         B, M = local.shape[:2]
         embeddings = self(local.flatten(0, 1))                                       # [B*M, D], row b*M+j
         return embeddings, torch.arange(B, device=local.device).repeat_interleave(M), None
+
+
+def init_distributed() -> torch.device:
+    """Join torchrun's process group when it set RANK (nccl on CUDA, gloo on CPU), else stay a
+    world of one; every later code path is the same either way. Returns this process's device."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
 
 
 def world_size() -> int:

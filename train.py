@@ -37,7 +37,7 @@ RECIPES = {
 # CIFAR images are upsampled to 64 px so the ImageNet stem (16x cheaper than the cifar stem at 32 px)
 # still leaves a 2x2 C5 map to align RoIs on.
 DEMO = dict(framework="moco", arch="resnet18", stem="imagenet", image_size=64, crop_size=32, batch_size=128,
-            lr=0.4, queue_size=0, epochs=1, max_steps=200, workers=2, knn_final=True, log_every=10,
+            lr=0.4, queue_size=0, epochs=1, max_steps=180, workers=2, knn_final=True, log_every=10,
             out="runs/demo")
 
 
@@ -175,18 +175,6 @@ def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
     return lr, ema
 
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a world of one."""
-    cuda = torch.cuda.is_available()
-    if "RANK" in os.environ:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return torch.device("cuda") if cuda else torch.device("cpu")
-
-
 def save_atomically(obj, path: str):
     """Write to a temp file, then rename: a crash mid-write never leaves a broken checkpoint."""
     tmp = path + ".tmp"
@@ -268,7 +256,7 @@ def main(argv=None) -> int:
 
 def train(args, stop_signal: list) -> int:
     """The training run: returns 0 when done, 1 when stopped by a signal (checkpoint saved)."""
-    device = setup_distributed()
+    device = models.init_distributed()
     world, rank = models.world_size(), models.rank()
     check_args(args, world)
     is_main = rank == 0
