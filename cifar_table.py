@@ -3,7 +3,7 @@ without jitter, same budget and seed, then k-NN (k = 1, 5, 20, 200) and the cach
 the test split. Writes <out>/table.md and <out>/table.json.
 
     python cifar_table.py --data data/cifar10-jpg --epochs 200              # the full table (GPU)
-    python cifar_table.py --data data/cifar10-jpg --max-steps 2 --workers 0  # smoke run, minutes on CPU
+    python cifar_table.py --data tiny/cifar10-jpg --max-steps 2 --batch-size 64 --probe-epochs 2  # smoke run
 
 Each run is a plain call of train.py, eval_knn.py and eval_linear.py (under torchrun with --nproc > 1),
 exactly as a user would type them; the commands are printed and kept in the JSON.
@@ -20,8 +20,7 @@ import torch
 
 # The CIFAR recipe [ours]: ResNet-18 with the cifar stem, 32 px views, 16 px crops, jitter 48/224 of
 # the 32 px mosaic = 7 px, batch 256. Per framework, what differs from the ImageNet defaults.
-RECIPE = ["--arch", "resnet18", "--stem", "cifar", "--image-size", "32", "--crop-size", "16", "--jitter", "7",
-          "--batch-size", "256"]
+RECIPE = ["--arch", "resnet18", "--stem", "cifar", "--image-size", "32", "--crop-size", "16", "--jitter", "7"]
 FRAMEWORK = {"moco": ["--lr", "0.06", "--wd", "5e-4", "--queue-size", "4096"],
              "byol": ["--lr", "1.0", "--wd", "1e-5", "--warmup-epochs", "10"]}
 RUNS = [(f, v, None) for f in ("moco", "byol") for v in ("two", "multicrop", "mosaic")] + \
@@ -47,6 +46,7 @@ def main():
     p.add_argument("--max-steps", type=int, default=0, help="cut every run short (smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="several seeds repeat every run")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run, via torchrun")
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--probe-epochs", type=int, default=100)
     args = p.parse_args()
@@ -68,6 +68,7 @@ def main():
                 train_cmd = launch + ["train.py", "--framework", framework, "--views", views, "--data", train_dir,
                                       "--epochs", str(args.epochs), "--seed", str(seed), "--out", out,
                                       "--workers", str(args.workers), "--log-every", "20", *RECIPE,
+                                      "--batch-size", str(args.batch_size),
                                       *FRAMEWORK[framework]] + (["--jitter", jitter] if jitter else []) \
                     + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
                 seconds = run(train_cmd, log)

@@ -175,8 +175,9 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a [n, ...] tensor from every process along dim 0 (no gradient): [n*world, ...]."""
     if world_size() == 1:
         return tensor
+    tensor = tensor.contiguous()   # plain layout: collectives copy raw bytes, channels_last would scramble
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    dist.all_gather(parts, tensor)
     return torch.cat(parts)
 
 
@@ -234,6 +235,7 @@ class MoCo(_Learner):
         if world > 1:
             dist.broadcast(perm, src=0)
         mine = images[perm[rank() * B:(rank() + 1) * B]]                          # [B, ...]
+        mine = mine.contiguous(memory_format=x_k.suggest_memory_format())        # channels_last on GPU
         chunks = max(1, min(8, B // self.min_shuffle_chunk)) if world == 1 else 1
         shuffled = torch.cat([self.target(c) for c in mine.chunk(chunks)])        # [B, D]
         shuffled = gather_all(F.normalize(shuffled.float(), dim=1))               # [B*world, D]
