@@ -235,7 +235,8 @@ class MoCo(_Learner):
         if world > 1:
             dist.broadcast(perm, src=0)
         mine = images[perm[rank() * B:(rank() + 1) * B]]                          # [B, ...]
-        mine = mine.contiguous(memory_format=x_k.suggest_memory_format())        # channels_last on GPU
+        if not x_k.is_contiguous() and x_k.is_contiguous(memory_format=torch.channels_last):
+            mine = mine.contiguous(memory_format=torch.channels_last)           # keep the caller's layout
         chunks = max(1, min(8, B // self.min_shuffle_chunk)) if world == 1 else 1
         shuffled = torch.cat([self.target(c) for c in mine.chunk(chunks)])        # [B, D]
         shuffled = gather_all(F.normalize(shuffled.float(), dim=1))               # [B*world, D]
