@@ -315,8 +315,7 @@ def train(args, stop_signal: list) -> int:
     log_file = open(os.path.join(args.out, "log.jsonl"), "a") if is_main else None
     last_step = min(total_steps, args.max_steps or total_steps)
     learner.train()
-    tick, waited, first_loss, history = time.time(), 0.0, None, []
-    start_step = step
+    tick, waited, steps_since_log = time.time(), 0.0, 0
     while step < last_step:
         epoch = step // steps_per_epoch
         loader.sampler.set_epoch(epoch, skip_batches=step % steps_per_epoch)
@@ -332,11 +331,10 @@ def train(args, stop_signal: list) -> int:
             fmt = torch.channels_last if cuda else torch.contiguous_format
             x1 = x1.to(device, non_blocking=True, memory_format=fmt)
             x2 = x2.to(device, non_blocking=True, memory_format=fmt)
-            crops = crops.to(device, non_blocking=True)
-            local = {"two": None, "multicrop": crops,
-                     "mosaic": None if args.views != "mosaic" else make_mosaic(crops, args.jitter, args.jitter_alpha)
-                     }[args.views]
-            if args.views == "mosaic":
+            crops = crops.to(device, non_blocking=True)                          # [B, M, 3, s, s]
+            local = crops if args.views == "multicrop" else None
+            if args.views == "mosaic":   # built here, on the device: cross-batch grouping needs the batch
+                local = make_mosaic(crops, args.jitter, args.jitter_alpha)
                 local = local._replace(images=local.images.contiguous(memory_format=fmt))
             with autocast:
                 losses = model(x1, x2, local)
@@ -356,23 +354,22 @@ def train(args, stop_signal: list) -> int:
                 fail(f"non-finite loss {loss_value} at step {step} (epoch {epoch}); the last checkpoint in "
                      f"{args.out} is intact. Lower --lr, or use --amp bf16/off instead of fp16")
             step += 1
-            first_loss = first_loss if first_loss is not None else loss_value / world
+            steps_since_log += 1
             if is_main and (step % args.log_every == 0 or step == last_step):
-                elapsed = time.time() - tick
-                done = step - start_step
+                elapsed = time.time() - tick   # figures are over the steps since the last log line
                 record = {"epoch": epoch, "step": step, **{k: round(v.item(), 5) for k, v in losses.items()},
                           "lr": lr, "momentum": ema,
-                          "images_per_s": round(done * args.batch_size / elapsed, 1),
+                          "images_per_s": round(steps_since_log * args.batch_size / elapsed, 1),
                           "data_wait": round(waited / elapsed, 3),
                           "max_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
-                history.append(record["loss"])
-                eta = (last_step - step) * elapsed / done
+                eta = (last_step - step) * elapsed / steps_since_log
                 log(f"ep {epoch} step {step}/{last_step} loss {record['loss']:.4f} (global "
                     f"{record['loss_global']:.4f} local {record['loss_local']:.4f}) lr {lr:.4g} m {ema:.5f} "
                     f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% "
                     f"eta {eta / 60:.1f} min")
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+                tick, waited, steps_since_log = time.time(), 0.0, 0
             if stop_now:
                 save(epoch)
                 log(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
@@ -388,7 +385,7 @@ def train(args, stop_signal: list) -> int:
     # Parameters must be bit-identical on every rank after DDP training: say so, or say they are not.
     checksum = torch.stack([p.detach().double().sum() for p in learner.online.parameters()]).sum().reshape(1)
     sums = models.gather_all(checksum.to(device)).tolist()
-    final = {"final": True, "step": step, "first_loss": first_loss, "rank_checksums": sums,
+    final = {"final": True, "step": step, "rank_checksums": sums,
              "ranks_identical": len(set(sums)) == 1}
     if args.knn_final:
         final["knn_top1"] = knn_report(learner.online.trunk, args, device, baseline=True)
