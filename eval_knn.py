@@ -1,8 +1,7 @@
 """k-NN evaluation of a frozen trunk (METHOD.md section 5), and the pieces eval_linear.py shares.
 
-A test image's score for class c is the sum of exp(cos / T) over those of its k nearest training
-images (cosine similarity of pooled fp32 features) that belong to c (Wu et al. 2018, as DINO's
-eval_knn). The features of both splits are extracted once and serve every k.
+A test image's score for class c is the sum of exp(cos / T) over its k nearest training images of class
+c (cosine similarity of pooled fp32 features; Wu et al. 2018, as DINO's eval_knn). One extraction serves every k.
 
     python eval_knn.py --weights backbone.pth --arch resnet50 --dataset imagefolder \
         --train-dir imagenet/train --val-dir imagenet/val --out knn.json
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from data import DATASETS, build_dataset, eval_transform
-from models import ARCHS, init_distributed, load_trunk, rank, world_size
+from models import ARCHS, gather_all, init_distributed, load_trunk, rank, world_size
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,43 +40,35 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_trunk(args, device) -> torch.nn.Module:
-    """models.load_trunk(args.weights, args.arch, args.stem) on device (channels_last on CUDA), in
-    eval mode; --weights random is initialised from args.seed (default 0), so every process of a
-    torchrun and every run builds the same random trunk. A bad --weights becomes SystemExit with
-    load_trunk's one-line message."""
+    """models.load_trunk(args.weights, args.arch, args.stem) in eval mode on device; 'random' is seeded
+    from args.seed (default 0), the same on every process. A bad --weights exits with one line."""
     torch.manual_seed(getattr(args, "seed", 0))
     try:
         trunk = load_trunk(args.weights, args.arch, args.stem)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    return trunk.to(device, memory_format=_memory_format(device)).eval()
-
-
-def _memory_format(device) -> torch.memory_format:
-    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+    return to_device(trunk, device).eval()
 
 
 def to_device(images: torch.Tensor, device) -> torch.Tensor:
-    """images [B, 3, H, W] -> the same on device, channels_last there when it is a GPU."""
-    return images.to(device, non_blocking=True, memory_format=_memory_format(device))
-
-
-def _split(args, train: bool, transform):
-    if args.dataset == "imagefolder":
-        flag, folder = ("--train-dir", args.train_dir) if train else ("--val-dir", args.val_dir)
-        if not folder:
-            raise SystemExit(f"error: {flag} is required with --dataset imagefolder")
-        if not os.path.isdir(folder):
-            raise SystemExit(f"error: {flag} {folder} does not exist")
-        return build_dataset("imagefolder", folder, train, transform, args.image_size)
-    return build_dataset(args.dataset, args.data, train, transform, args.image_size)
+    """images [B, 3, H, W] (or the trunk) -> the same on device, channels_last there when it is a GPU."""
+    memory_format = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+    return images.to(device, non_blocking=True, memory_format=memory_format)
 
 
 def build_splits(args, train_transform, val_transform):
-    """The dataset flags -> (train dataset, val dataset, num_classes); SystemExit with a one-line
-    message when a split is missing or the two splits have different classes."""
-    train_set, val_set = _split(args, True, train_transform), _split(args, False, val_transform)
-    classes = getattr(train_set, "classes", None)
+    """The dataset flags -> (train dataset, val dataset, num_classes); a one-line SystemExit when a
+    split is missing or the two splits have different classes."""
+    splits = []
+    for train, flag, folder, transform in ((True, "--train-dir", args.train_dir, train_transform),
+                                           (False, "--val-dir", args.val_dir, val_transform)):
+        if args.dataset == "imagefolder" and not folder:
+            raise SystemExit(f"error: {flag} is required with --dataset imagefolder")
+        if args.dataset == "imagefolder" and not os.path.isdir(folder):
+            raise SystemExit(f"error: {flag} {folder} does not exist")
+        root = folder if args.dataset == "imagefolder" else args.data
+        splits.append(build_dataset(args.dataset, root, train, transform, args.image_size))
+    (train_set, val_set), classes = splits, getattr(splits[0], "classes", None)
     if classes is None:                                     # FakeData
         return train_set, val_set, train_set.num_classes
     if getattr(val_set, "classes", classes) != classes:
@@ -98,28 +89,18 @@ def _gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate [n_r, ...] tensors of every process in rank order; n_r may differ between processes."""
     if world_size() == 1:
         return tensor
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size())]
-    dist.all_gather(sizes, size)
-    longest = int(max(sizes))
+    sizes = gather_all(torch.tensor([len(tensor)], device=tensor.device)).tolist()
     # all_gather wants equal shapes: pad every part to the longest, trim after.
-    padded = torch.cat([tensor, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])])
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:int(n)] for part, n in zip(parts, sizes)])
+    padded = torch.cat([tensor, tensor.new_zeros(max(sizes) - len(tensor), *tensor.shape[1:])])
+    return torch.cat([part[:n] for part, n in zip(gather_all(padded).split(max(sizes)), sizes)])
 
 
 @torch.no_grad()
 def extract_features(trunk, loader, device):
-    """Pooled features (Trunk.pooled, fp32, no autocast) of every image that loader yields, gathered
-    over all processes in rank order. The trunk (already on device) is put in eval mode, so its BN
-    statistics stay as they are. loader yields (images [B, 3, H, W], labels [B]).
-
-    Returns (features [N, C] fp32, labels [N] int64) on device, N summed over processes. The features
-    are NOT L2-normalised: the linear probe wants them raw; knn_predict / evaluate_knn normalise.
-    """
+    """Pooled fp32 features of every image loader yields (images [B, 3, H, W], labels [B]), through
+    the trunk in eval mode (its BN statistics stay as they are), gathered over processes in rank order.
+    Returns (features [N, C] fp32, labels [N] int64) on device, NOT L2-normalised (the probe wants them raw)."""
     trunk.eval()
-    device = torch.device(device)
     features = [torch.zeros(0, trunk.out_channels, device=device)]
     labels = [torch.zeros(0, dtype=torch.long, device=device)]
     for images, targets in loader:
@@ -128,37 +109,26 @@ def extract_features(trunk, loader, device):
     return _gather(torch.cat(features)), _gather(torch.cat(labels))
 
 
-def _neighbours(train_features, train_labels, test_features, k: int, chunk_size: int):
-    """Per chunk of test rows: (cosine similarities [n, k] sorted descending, their labels [n, k])."""
+def _knn_scores(train_features, train_labels, test_features, ks, temperature: float, num_classes: int, chunk_size: int):
+    """Per chunk of n test rows: [class scores [n, num_classes] for each k in ks (clamped to N)]. The
+    max(ks) nearest neighbours are found once per chunk and each k votes with the first k of them."""
     train = F.normalize(train_features.float(), dim=1)
     train_labels = train_labels.to(train.device)
+    ks = [min(k, len(train)) for k in ks]
     for chunk in F.normalize(test_features.float(), dim=1).split(chunk_size):
         # of neighbours tied at the k-th place, whichever torch.topk returns is taken
-        similarities, index = (chunk @ train.T).topk(k, dim=1)
-        yield similarities, train_labels[index]
-
-
-def _votes(similarities, labels, k: int, temperature: float, num_classes: int) -> torch.Tensor:
-    """[n, >=k] sorted neighbours -> class scores [n, num_classes]: sums of exp(sim / T) of the first k."""
-    weights = (similarities[:, :k] / temperature).exp()
-    scores = torch.zeros(len(similarities), num_classes, device=similarities.device)
-    return scores.scatter_add_(1, labels[:, :k], weights)
+        similarities, index = (chunk @ train.T).topk(max(ks), dim=1)
+        weights, labels = (similarities / temperature).exp(), train_labels[index]
+        yield [torch.zeros(len(chunk), num_classes, device=chunk.device).scatter_add_(1, labels[:, :k], weights[:, :k])
+               for k in ks]
 
 
 def knn_predict(train_features, train_labels, test_features, k: int, temperature: float, num_classes: int,
                 chunk_size: int = 256) -> torch.Tensor:
-    """Weighted k-NN class scores.
-
-    train_features [N, C], train_labels [N] int64, test_features [M, C] (raw or normalised: both are
-    L2-normalised here), k (clamped to N), temperature T. Returns scores [M, num_classes] fp32, where
-    scores[i, c] = sum of exp(cos(test_i, train_j) / T) over the k nearest train_j of class c.
-    The similarity matrix is computed chunk_size test rows at a time.
-    """
-    k = min(k, len(train_features))
-    scores = [torch.zeros(0, num_classes, device=train_features.device)]
-    for similarities, labels in _neighbours(train_features, train_labels, test_features, k, chunk_size):
-        scores.append(_votes(similarities, labels, k, temperature, num_classes))
-    return torch.cat(scores)
+    """train_features [N, C], train_labels [N], test_features [M, C] (L2-normalised here) -> scores
+    [M, num_classes] fp32: scores[i, c] = sum of exp(cos / T) over the k (<= N) nearest train rows of class c."""
+    chunks = _knn_scores(train_features, train_labels, test_features, [k], temperature, num_classes, chunk_size)
+    return torch.cat([torch.zeros(0, num_classes, device=train_features.device)] + [scores[0] for scores in chunks])
 
 
 def _count_correct(scores, labels):
@@ -169,29 +139,22 @@ def _count_correct(scores, labels):
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor):
-    """scores [N, K], labels [N] -> (top-1 %, top-5 %) floats; top-5 is top-K when K < 5. Tied scores
-    rank the lower class index first. An empty set gives (0, 0)."""
+    """scores [N, K], labels [N] -> (top-1 %, top-5 %); top-5 is top-K when K < 5, ties rank the
+    lower class first, an empty set gives (0, 0)."""
     top1, top5 = _count_correct(scores, labels)
     return 100.0 * top1 / max(len(labels), 1), 100.0 * top5 / max(len(labels), 1)
 
 
 def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, temperature: float,
                  num_classes: int, chunk_size: int = 256) -> dict:
-    """k-NN accuracy for every k in ks: {k: {"top1": %, "top5": %}} (keys as given, each k clamped to
-    the train size). Shapes as knn_predict, test_labels [M]. One similarity pass serves all k: the
-    max(ks) nearest neighbours are found once per chunk and each k votes with the first k of them."""
-    n_train = len(train_features)
+    """Shapes as knn_predict, test_labels [M] -> {k: {"top1": %, "top5": %}} for every k in ks, all
+    from one similarity pass."""
+    ks = list(dict.fromkeys(ks))   # a repeated k would be counted twice
     counts = {k: [0, 0] for k in ks}
-    start = 0
-    for similarities, labels in _neighbours(train_features, train_labels, test_features,
-                                            min(max(ks), n_train), chunk_size):
-        truth = test_labels[start:start + len(similarities)]
-        start += len(similarities)
-        for k in ks:
-            scores = _votes(similarities, labels, min(k, n_train), temperature, num_classes)
-            top1, top5 = _count_correct(scores, truth)
-            counts[k][0] += top1
-            counts[k][1] += top5
+    chunks = _knn_scores(train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size)
+    for scores, truth in zip(chunks, test_labels.split(chunk_size)):
+        for k, k_scores in zip(ks, scores):
+            counts[k] = [a + b for a, b in zip(counts[k], _count_correct(k_scores, truth))]
     n = max(len(test_labels), 1)
     return {k: {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n} for k, (top1, top5) in counts.items()}
 

@@ -1,14 +1,10 @@
 """Linear probe of a frozen trunk (METHOD.md section 5).
 
-A non-affine BatchNorm + linear layer on pooled features, trained with SGD (momentum 0.9, wd 0,
-cosine schedule, no AMP). Every --lr gets its own head, all trained at once on the same features;
-each is reported (best and last epoch, top-1 and top-5) and the best lr is picked on the val split
-(the split it is also reported on, as in the papers: no separate held-out split).
-
-Default mode, cached: features of centre crops are extracted once and the heads train on the cached
-tensors, 100 epochs in minutes on CIFAR-size data. --augment: the paper's protocol, RandomResizedCrop
-+ flip through the frozen trunk every epoch (default 90 epochs). --label-fraction 0.01 / 0.1 trains on
-a class-balanced subset of the training labels (the paper's 1 % / 10 % rows).
+A non-affine BatchNorm + linear layer on pooled features, trained with SGD (momentum 0.9, wd 0, cosine
+schedule, no AMP); one head per --lr, all trained at once, the best lr picked on the val split that it is
+also reported on (as in the papers). Default mode trains on cached centre-crop features; --augment is the
+paper's protocol, RandomResizedCrop + flip through the frozen trunk every epoch. --label-fraction 0.01 / 0.1
+trains on a class-balanced subset of the training labels (the paper's 1 % / 10 % rows).
 
     python eval_linear.py --weights backbone.pth --dataset imagefolder --train-dir imagenet/train \
         --val-dir imagenet/val [--augment] [--label-fraction 0.01] --out linear.json
@@ -32,9 +28,8 @@ from models import init_distributed, rank, world_size
 
 
 def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
-    """labels [N] (int tensor or list) -> sorted LongTensor of kept indices: from every class with
-    n_c images, round(fraction * n_c) of them (rounding half up), drawn at random from seed. Raises
-    ValueError when fraction is not in (0, 1] or rounds some class down to no image."""
+    """labels [N] -> sorted LongTensor of kept indices: round(fraction * n_c) (half up) random images of
+    every class c, drawn from seed. ValueError when fraction is not in (0, 1] or a class keeps none."""
     if not 0 < fraction <= 1:
         raise ValueError(f"--label-fraction must be in (0, 1], got {fraction}")
     labels = torch.as_tensor(labels).long()
@@ -50,20 +45,9 @@ def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
     return torch.cat(kept).sort().values
 
 
-def dataset_labels(dataset) -> torch.Tensor:
-    """Labels [N] of a torchvision dataset, read from .targets / .labels without decoding images when it has them."""
-    for name in ("targets", "labels"):
-        if hasattr(dataset, name):
-            return torch.as_tensor(getattr(dataset, name)).long()
-    return torch.tensor([dataset[i][1] for i in range(len(dataset))])
-
-
 class ProbeHeads(nn.Module):
     """One non-affine BatchNorm1d shared by num_heads linear layers: features [B, C] -> logits [H, B, K].
-
-    The BN has no parameters, so sharing it leaves the heads independent: each sees the same
-    normalised features and gets only its own loss's gradient.
-    """
+    The BN has no parameters, so sharing it leaves the heads independent."""
 
     def __init__(self, num_features: int, num_classes: int, num_heads: int):
         super().__init__()
@@ -79,8 +63,8 @@ class ProbeHeads(nn.Module):
 
 
 def frozen_features(trunk, loader, device):
-    """Yield (pooled features [B, C] fp32, labels [B]) on device for each batch of loader, through the
-    trunk in eval mode and without gradients (the augmented mode's batches)."""
+    """Yield (pooled features [B, C] fp32, labels [B]) on device per batch of loader, through the trunk
+    in eval mode without gradients (the augmented mode's batches)."""
     trunk.eval()
     for images, labels in loader:
         with torch.no_grad():   # not around the yield: the caller's head training needs gradients
@@ -95,40 +79,11 @@ def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int
         yield features[index], labels[index]
 
 
-def train_epoch(model, optimizer, scheduler, batches) -> float:
-    """One pass of model (ProbeHeads, maybe DDP-wrapped) over batches of (features [B, C], labels [B]):
-    one SGD and one scheduler step per batch. Returns the mean cross-entropy per head and batch."""
-    model.train()
-    total, steps, heads = 0.0, 0, 1
-    for features, labels in batches:
-        if len(labels) < 2:   # BatchNorm cannot train on a single sample
-            continue
-        logits = model(features)                                                    # [H, B, K]
-        heads = len(logits)
-        # summed over heads, so each head's gradient is its own loss's, whatever the number of heads
-        loss = sum(F.cross_entropy(head_logits, labels) for head_logits in logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total, steps = total + loss.detach(), steps + 1
-    return float(total) / max(steps, 1) / heads
-
-
-@torch.no_grad()
-def evaluate_heads(heads: ProbeHeads, features: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096):
-    """features [N, C], labels [N] -> [(top-1 %, top-5 %)] for each head, BN in eval mode."""
-    heads.eval()
-    logits = torch.cat([heads(chunk) for chunk in features.split(chunk_size)], dim=1)   # [H, N, K]
-    return [accuracy(head_logits, labels) for head_logits in logits]
-
-
 def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, num_features: int, num_classes: int,
                 lrs, epochs: int, wd: float = 0.0, ddp: bool = False, log=print) -> list:
-    """Train one ProbeHeads head per lr in lrs for epochs epochs; every head is evaluated on val_features
-    [N, C] / val_labels [N] after each epoch. make_batches(epoch) (epoch from 1) returns that epoch's
-    iterable of (features [B, C], labels [B]) on val_features' device; steps_per_epoch sizes the
-    cosine schedule. ddp: average gradients over processes (each process feeds its own batches).
+    """Train one ProbeHeads head per lr in lrs for epochs epochs, evaluating all on val_features [N, C] /
+    val_labels [N] after each. make_batches(epoch) (from 1) gives that epoch's (features [B, C], labels [B])
+    on val_features' device; steps_per_epoch sizes the cosine schedule; ddp averages gradients over processes.
     Returns per lr {lr, best_epoch, best_top1, best_top5, last_top1, last_top5}."""
     device = val_features.device
     heads = ProbeHeads(num_features, num_classes, len(lrs)).to(device)
@@ -139,13 +94,28 @@ def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, nu
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     results = [{"lr": lr, "best_epoch": 0, "best_top1": -1.0, "best_top5": 0.0} for lr in lrs]
     for epoch in range(1, epochs + 1):
-        loss = train_epoch(model, optimizer, scheduler, make_batches(epoch))
-        for result, (top1, top5) in zip(results, evaluate_heads(heads, val_features, val_labels)):
+        model.train()
+        loss_sum, steps = 0.0, 0
+        for features, labels in make_batches(epoch):
+            if len(labels) < 2:   # BatchNorm cannot train on a single sample
+                continue
+            # summed over heads, so each head's gradient is its own loss's, whatever the number of heads
+            loss = sum(F.cross_entropy(head_logits, labels) for head_logits in model(features))   # [H, B, K]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum, steps = loss_sum + loss.detach(), steps + 1
+        heads.eval()
+        with torch.no_grad():
+            logits = torch.cat([heads(chunk) for chunk in val_features.split(4096)], dim=1)   # [H, N, K]
+        for result, head_logits in zip(results, logits):
+            top1, top5 = accuracy(head_logits, val_labels)
             if top1 > result["best_top1"]:
                 result.update(best_epoch=epoch, best_top1=top1, best_top5=top5)
             result.update(last_top1=top1, last_top5=top5)
         if epoch == epochs or epoch % max(1, epochs // 20) == 0:
-            log(f"epoch {epoch}/{epochs}  loss {loss:.3f}  val top-1 per lr: "
+            log(f"epoch {epoch}/{epochs}  loss {float(loss_sum) / max(steps, 1) / len(lrs):.3f}  val top-1 per lr: "
                 + " ".join(f"{r['lr']:g}:{r['last_top1']:.1f}" for r in results))
     return results
 
@@ -158,7 +128,7 @@ def main():
     parser.add_argument("--augment", action="store_true", help="RandomResizedCrop + flip through the trunk every epoch")
     parser.add_argument("--label-fraction", type=float, default=1.0, help="class-balanced subset of the train labels")
     args = parser.parse_args()
-    epochs = args.epochs or (90 if args.augment else 100)
+    epochs = args.epochs if args.epochs is not None else (90 if args.augment else 100)
     if epochs < 1 or min(args.lr) <= 0:
         parser.error("--epochs and --lr must be positive")
     device = init_distributed()
@@ -167,15 +137,19 @@ def main():
     train_set, val_set, num_classes = build_splits(args, eval_transform(args.image_size, augment=args.augment),
                                                    eval_transform(args.image_size))
     if args.label_fraction != 1:
+        # .targets / .labels spare decoding every image; FakeData has neither
+        labels = getattr(train_set, "targets", getattr(train_set, "labels", None))
+        if labels is None:
+            labels = [train_set[i][1] for i in range(len(train_set))]
         try:
-            train_set = Subset(train_set, balanced_subset(dataset_labels(train_set), args.label_fraction, args.seed).tolist())
+            train_set = Subset(train_set, balanced_subset(labels, args.label_fraction, args.seed).tolist())
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
     start = time.time()
     # the trunk is frozen: the val features are the same every epoch, in both modes
     val_features, val_labels = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device)
+    distributed = world_size() > 1
     if args.augment:
-        distributed = world_size() > 1
         sampler = (DistributedSampler(train_set, seed=args.seed) if distributed
                    else RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed)))
         loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
@@ -193,12 +167,10 @@ def main():
         steps = math.ceil(len(train_labels) / args.batch_size)
         if rank() == 0:
             print(f"features extracted in {time.time() - start:.0f}s")
-    results = None
     # cached mode: every process holds all features, so rank 0 alone trains the heads
     if args.augment or rank() == 0:
         results = train_probe(make_batches, steps, val_features, val_labels, trunk.out_channels, num_classes, args.lr,
-                              epochs, args.wd, ddp=args.augment and world_size() > 1,
-                              log=print if rank() == 0 else (lambda *_: None))
+                              epochs, args.wd, ddp=args.augment and distributed, log=print if rank() == 0 else (lambda *_: None))
     if rank() == 0:
         best = max(results, key=lambda r: r["best_top1"])
         print(f"linear probe, {len(train_set)} train / {len(val_labels)} val images, {num_classes} classes, "

@@ -1269,3 +1269,13 @@ def test_end_to_end_on_real_cifar10(tmp_path):
         text = f.read()
     numbers = [float(x) for x in re.findall(r'"top[15]": ([0-9.]+)', text)]
     assert numbers and all(0 <= x <= 100 for x in numbers)
+
+
+def test_evaluate_knn_counts_a_repeated_k_once():
+    """--k 1 1 must not double the hit counts (accuracies stay within [0, 100] and equal --k 1's)."""
+    torch.manual_seed(0)
+    train_x, test_x = torch.randn(30, 8), torch.randn(10, 8)
+    train_y, test_y = torch.randint(0, 3, (30,)), torch.randint(0, 3, (10,))
+    once = evaluate_knn(train_x, train_y, test_x, test_y, [1], 0.07, 3)
+    twice = evaluate_knn(train_x, train_y, test_x, test_y, [1, 1], 0.07, 3)
+    assert twice == once
