@@ -129,8 +129,8 @@ def jitter(mosaics: torch.Tensor, boxes: torch.Tensor, max_shift: float, alpha: 
 
     shift = torch.stack([dx, dy, dx, dy], dim=1).to(boxes.dtype)            # [B, 4]
     moved_boxes = boxes + shift[:, None, :]
-    limit = torch.tensor([W, H, W, H], dtype=boxes.dtype, device=boxes.device)
-    clipped = torch.minimum(moved_boxes.clamp_min(0), limit)
+    xs, ys = moved_boxes[..., 0::2].clamp(0, W), moved_boxes[..., 1::2].clamp(0, H)   # scalars: no host copy
+    clipped = torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)     # [B, M, 4]
     visible = _area(clipped) / _area(boxes)
     return moved, clipped, visible
 
