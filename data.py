@@ -1,5 +1,6 @@
 """Datasets, view augmentations and loaders shared by train.py, eval_knn.py, eval_linear.py and bench.py."""
 import os
+import signal
 import warnings
 
 import torch
@@ -162,6 +163,13 @@ class SeededViews(Dataset):
         return self.dataset[index]
 
 
+def _ignore_stop_signals(worker_id: int):
+    """Loader workers ignore SIGTERM/SIGINT: torchrun and schedulers signal the whole process group,
+    and a worker killed mid-step would crash the trainer before it can write its checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_train_loader(dataset, batch_size: int, workers: int, seed: int) -> DataLoader:
     """Per-process training loader over equal, full batches (drop_last) with reproducible views.
     Call loader.sampler.set_epoch(epoch) before each epoch."""
@@ -169,5 +177,5 @@ def build_train_loader(dataset, batch_size: int, workers: int, seed: int) -> Dat
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
     sampler = EpochSampler(len(dataset), batch_size, seed, world, rank)
     return DataLoader(SeededViews(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True,
+                      pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=_ignore_stop_signals,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)

@@ -1197,6 +1197,14 @@ def test_resume_refuses_another_framework_or_arch(tmp_path):
         train.main(TINY + ["--framework", "byol", "--arch", "resnet34", "--resume", "--out", out])
 
 
+def test_fresh_run_refuses_to_overwrite_a_checkpoint(tmp_path):
+    """Without --resume, an --out that holds a checkpoint is an error, not silently overwritten."""
+    out = str(tmp_path)
+    train.main(TINY + ["--max-steps", "1", "--out", out])
+    with pytest.raises(SystemExit, match="exists; pass --resume"):
+        train.main(TINY + ["--max-steps", "2", "--out", out])
+
+
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     out = str(tmp_path)
     train.main(TINY + ["--max-steps", "1", "--out", out])
@@ -1210,11 +1218,14 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     """A preempted run (SIGTERM) finishes its step, checkpoints atomically, and can be resumed."""
     out = str(tmp_path)
-    process = subprocess.Popen([sys.executable, "train.py", *TINY, "--fake-size", "4096", "--out", out],
-                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Loader workers, in their own process group like under torchrun or a scheduler, get the
+    # signal too: they must not die before the trainer has saved.
+    process = subprocess.Popen([sys.executable, "train.py", *TINY, "--fake-size", "4096", "--workers", "2",
+                                "--out", out], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     for line in process.stdout:
         if "step 2/" in line:
-            process.send_signal(signal.SIGTERM)
+            os.killpg(process.pid, signal.SIGTERM)
             break
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 1 and "checkpoint saved" in output

@@ -198,7 +198,8 @@ def load_checkpoint(path: str, args, learner, optimizer, scaler):
                  f"--{key.replace('_', '-')} {getattr(args, key)}; use another --out or the same flags")
     learner.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] or not scaler.is_enabled():   # a bf16/off run saved no scaler state
+        scaler.load_state_dict(state["scaler"])
     return state["step"]
 
 
@@ -207,6 +208,9 @@ def knn_report(trunk, args, device, baseline: bool) -> dict:
     baseline. At most --knn-samples images per split (a fixed random subset) keep it to minutes.
     Every process extracts a shard of the features (eval_knn.extract_features gathers them)."""
     from eval_knn import evaluate_knn, extract_features, shard_loader
+    if models.world_size() > 1:   # without SyncBN each rank's BN statistics saw only its own shard
+        for buffer in trunk.buffers():
+            dist.broadcast(buffer, src=0)
     val_root = args.data
     if args.dataset == "imagefolder":
         parent = os.path.dirname(os.path.abspath(args.data))
@@ -294,9 +298,12 @@ def train(args, stop_signal: list) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     os.makedirs(args.out, exist_ok=True)
     checkpoint_path = os.path.join(args.out, "checkpoint.pth")
+    if not args.resume and os.path.exists(checkpoint_path):
+        fail(f"{checkpoint_path} exists; pass --resume to continue it, or choose another --out")
     step = load_checkpoint(checkpoint_path, args, learner, optimizer, scaler) if args.resume else 0
-    # The queue and BN statistics are identical or irrelevant across ranks, so buffers are not
-    # broadcast each step (that would ship the 32 MB queue around every iteration).
+    # Buffers are not broadcast each step: that would ship the 32 MB queue (identical on every rank
+    # anyway) around every iteration. BN running statistics may differ between ranks (they do not
+    # affect training); rank 0's are exported, and knn_report broadcasts them first.
     model = DistributedDataParallel(learner, device_ids=[device.index] if cuda else None,
                                     broadcast_buffers=False) if world > 1 else learner
     autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
