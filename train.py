@@ -27,9 +27,9 @@ from mosaic import make_mosaic
 
 # Per-framework defaults; None in argparse means "take it from here".
 RECIPES = {
-    "moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=0.999, ema_schedule="constant",
+    "moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=0.999,
                  epochs=200, dim=128),
-    "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99, ema_schedule="cosine",
+    "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99,
                  epochs=300, dim=256),
 }
 # A CPU-sized demo on CIFAR-10 (README): contrastive learning with in-batch negatives shows learning
@@ -170,7 +170,7 @@ def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
     else:
         lr = peak_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     ema = args.ema
-    if args.ema_schedule == "cosine":
+    if args.framework == "byol":   # BYOL anneals the target momentum to 1; MoCo keeps it constant
         ema = 1 - (1 - args.ema) * 0.5 * (1 + math.cos(math.pi * step / total))
     return lr, ema
 
