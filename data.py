@@ -1,4 +1,7 @@
 """Datasets, view augmentations and loaders shared by train.py, eval_knn.py, eval_linear.py and bench.py."""
+import contextlib
+import functools
+import multiprocessing
 import os
 import signal
 import warnings
@@ -10,6 +13,7 @@ from torchvision.transforms import v2
 
 DATASETS = ("imagefolder", "cifar10", "cifar100", "stl10", "fake")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet statistics, used for every dataset
+DEMO_FOLDER = os.path.join("data", "cifar10-jpg")          # the demo's CIFAR-10 as an ImageFolder tree
 
 
 def _to_normalised_tensor():
@@ -17,16 +21,14 @@ def _to_normalised_tensor():
 
 
 def view_transform(framework: str, size: int, scale, blur_p: float, solarize_p: float) -> v2.Compose:
-    """One augmented view (PIL image -> [3, size, size] normalised float tensor).
+    """One augmented view: PIL image -> [3, size, size] normalised float tensor.
 
-    MoCo-v2: colour jitter (0.4, 0.4, 0.4, 0.1); BYOL: (0.4, 0.4, 0.2, 0.1) and solarisation. Images
-    under 64 px get no blur: a blur kernel of 10 % of 32 px is a 3x3 box and only erases detail.
+    Colour jitter (brightness, contrast, saturation, hue) is MoCo-v2's (0.4, 0.4, 0.4, 0.1) or BYOL's
+    (0.4, 0.4, 0.2, 0.1). Views under 64 px get no blur: 10 % of 32 px is a 3x3 box that only erases detail.
     """
-    hue_jitter = (0.4, 0.4, 0.4, 0.1) if framework == "moco" else (0.4, 0.4, 0.2, 0.1)
-    steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True),
-             v2.RandomHorizontalFlip(),
-             v2.RandomApply([v2.ColorJitter(*hue_jitter)], p=0.8),
-             v2.RandomGrayscale(p=0.2)]
+    colour_jitter = (0.4, 0.4, 0.4, 0.1) if framework == "moco" else (0.4, 0.4, 0.2, 0.1)
+    steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
+             v2.RandomApply([v2.ColorJitter(*colour_jitter)], p=0.8), v2.RandomGrayscale(p=0.2)]
     if blur_p > 0 and size >= 64:
         kernel = 2 * (size // 20) + 1                                       # ~10 % of the side, odd
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
@@ -36,21 +38,20 @@ def view_transform(framework: str, size: int, scale, blur_p: float, solarize_p: 
 
 
 class MultiViewTransform:
-    """PIL image -> (global view 1 [3, S, S], global view 2 [3, S, S], small crops [M, 3, s, s]).
+    """PIL image -> (global view x1 [3, S, S], global view x2 [3, S, S], small crops [M, 3, s, s]).
 
-    The two global views follow the framework's recipe (BYOL's is asymmetric: blur 1.0 / 0.1,
-    solarize 0 / 0.2); the M small crops are RandomResizedCrop(s, scale=(0.1, 0.6)) with the same
-    photometric augmentations. With num_crops = 0 only the two global views are made (and an empty
-    crops tensor), so the two-view baseline does not pay for crops it never uses.
+    The global views follow the framework's recipe: MoCo-v2's are alike (scale (0.2, 1), blur 0.5);
+    BYOL's are asymmetric (scale (0.08, 1), blur 1.0 / 0.1, solarize 0 / 0.2). The M small crops are
+    RandomResizedCrop(s, scale=(0.1, 0.6)) with the framework's photometric augmentations. With
+    num_crops = 0 the crops tensor is empty [0, 3, s, s]: the two-view baseline pays for no crops.
     """
 
     def __init__(self, framework: str, image_size: int, crop_size: int, num_crops: int):
-        global_scale = (0.2, 1.0) if framework == "moco" else (0.08, 1.0)
         if framework == "moco":
-            self.view1 = self.view2 = view_transform("moco", image_size, global_scale, 0.5, 0.0)
+            self.view1 = self.view2 = view_transform("moco", image_size, (0.2, 1.0), 0.5, 0.0)
         else:
-            self.view1 = view_transform("byol", image_size, global_scale, 1.0, 0.0)
-            self.view2 = view_transform("byol", image_size, global_scale, 0.1, 0.2)
+            self.view1 = view_transform("byol", image_size, (0.08, 1.0), 1.0, 0.0)
+            self.view2 = view_transform("byol", image_size, (0.08, 1.0), 0.1, 0.2)
         self.small = view_transform(framework, crop_size, (0.1, 0.6), 0.5, 0.0)
         self.num_crops, self.crop_size = num_crops, crop_size
 
@@ -61,8 +62,8 @@ class MultiViewTransform:
 
 
 def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
-    """Evaluation view: resize + centre crop (ImageNet: resize to 8/7 of the size first), or for
-    the augmented linear probe RandomResizedCrop + flip."""
+    """Evaluation view: resize + centre crop (above 64 px, resize to 8/7 of the size first), or, for
+    the augmented linear probe, RandomResizedCrop + flip."""
     if augment:
         steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
     else:
@@ -72,60 +73,84 @@ def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
 
 
 class SafeImageFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder that skips an unreadable image with a warning naming the file, instead of
-    killing a multi-day run at hour 30 because of one corrupt JPEG."""
+    """ImageFolder that skips an unreadable image with a warning naming the file, instead of killing a
+    multi-day run at hour 30 because of one corrupt JPEG."""
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):
-            path = self.samples[(index + attempt) % len(self.samples)][0]
             try:
                 return super().__getitem__((index + attempt) % len(self.samples))
             except (OSError, ValueError, SyntaxError) as error:   # what PIL raises on broken files
-                warnings.warn(f"skipping unreadable image {path}: {error}")
-        raise RuntimeError("no readable image in the dataset")
+                warnings.warn(f"skipping unreadable image {self.samples[(index + attempt) % len(self.samples)][0]}: {error}")
+        raise RuntimeError(f"no readable image among the {len(self.samples)} files under {self.root}")
 
 
 def build_dataset(name: str, root: str, train: bool, transform, image_size: int = 224, fake_size: int = 512,
                   unlabeled: bool = False):
-    """A torchvision dataset for one split.
-
-    imagefolder: `root` is the split's folder of class folders (e.g. imagenet/train). cifar10,
-    cifar100, stl10: torchvision's classes under `root` (downloaded there when missing and the
-    internet can be reached; unlabeled=True adds STL-10's 100k unlabeled images, for pre-training). fake: random images.
-    Raises SystemExit with a one-line fix when the data is missing.
-    """
-    if name not in DATASETS:
-        raise SystemExit(f"error: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    """A torchvision dataset for one split: imagefolder (`root` is the split's folder of class folders),
+    cifar10 / cifar100 / stl10 (torchvision's, downloaded into `root` when missing and online;
+    unlabeled=True adds STL-10's 100k unlabeled images), or fake (random images).
+    Raises SystemExit with a one-line fix when the data is missing or unreadable."""
     if name == "fake":
-        return torchvision.datasets.FakeData(fake_size if train else max(fake_size // 4, 16),
-                                             (3, image_size, image_size), 10, transform,
-                                             random_offset=0 if train else 10**6)
+        return torchvision.datasets.FakeData(fake_size if train else max(fake_size // 4, 16), (3, image_size, image_size),
+                                             10, transform, random_offset=0 if train else 10**6)
     if not root:
-        raise SystemExit(f"error: --data is required for dataset {name}: point it at the dataset's folder")
+        raise SystemExit(f"error: --data is required for --dataset {name}: point it at the dataset's folder")
     if name == "imagefolder":
         if not os.path.isdir(root):
             raise SystemExit(f"error: data folder {root} does not exist; pass --data DIR with one folder per class")
         try:
-            return SafeImageFolder(root, transform)
-        except (FileNotFoundError, RuntimeError) as error:   # no class folders or no images
+            folder = SafeImageFolder(root, transform)
+            folder[0]   # now, not at step 1: a folder of only corrupt files stops before any work
+            return folder
+        except (FileNotFoundError, RuntimeError) as error:   # no class folders, no image, or none readable
             raise SystemExit(f"error: no images found under {root} ({error}); --data must hold one folder "
-                             f"per class with .jpg/.png files inside") from None
-    kind = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-            "stl10": torchvision.datasets.STL10}[name]
+                             f"per class with readable .jpg/.png files inside") from None
     try:
         if name == "stl10":
-            return kind(root, split=("train+unlabeled" if unlabeled else "train") if train else "test", transform=transform, download=True)
+            split = ("train+unlabeled" if unlabeled else "train") if train else "test"
+            return torchvision.datasets.STL10(root, split=split, transform=transform, download=True)
+        kind = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         return kind(root, train=train, transform=transform, download=True)
     except Exception as error:   # no internet, partial download, wrong folder
-        raise SystemExit(f"error: could not load {name} from {root} ({type(error).__name__}: {error}); download it "
-                         f"there, or extract an image-folder copy and use --dataset imagefolder") from None
+        raise SystemExit(f"error: could not load {name} from {root} ({type(error).__name__}); without internet, put it "
+                         f"there yourself, or an ImageFolder copy (e.g. {DEMO_FOLDER}/{{train,test}}/<class>/*.jpg) "
+                         f"used with --dataset imagefolder") from None
+
+
+def val_folder(train_folder: str, val_data=None):
+    """The val split of an ImageFolder dataset: val_data, else a val/ or test/ folder beside the train split."""
+    parent = os.path.dirname(os.path.abspath(train_folder))
+    candidates = [os.path.join(parent, name) for name in ("val", "test")]
+    return val_data or next((path for path in candidates if os.path.isdir(path)), None)
+
+
+def build_splits(dataset: str, data: str, val_data, train_transform, val_transform, image_size: int,
+                 fake_size: int = 512):
+    """(train split, val split, num_classes) of a dataset; for imagefolder, `data` is the train split's
+    folder and `val_data` the val split's (default: val_folder). One-line SystemExit when a split is
+    missing or the two splits have different classes."""
+    val_root = data
+    if dataset == "imagefolder":
+        val_root = val_folder(data or ".", val_data)
+        if val_root is None:
+            raise SystemExit(f"error: no --val-data given and no val/ or test/ folder beside {data}")
+    train_set = build_dataset(dataset, data, True, train_transform, image_size, fake_size)
+    val_set = build_dataset(dataset, val_root, False, val_transform, image_size, fake_size)
+    classes = getattr(train_set, "classes", None)
+    if classes is None:                                     # FakeData
+        return train_set, val_set, train_set.num_classes
+    if getattr(val_set, "classes", classes) != classes:
+        raise SystemExit(f"error: the val split has {len(val_set.classes)} classes, the train split {len(classes)} "
+                         f"(or other names): both need the same class folders")
+    return train_set, val_set, len(classes)
 
 
 class EpochSampler(Sampler):
-    """Training order for one process: shuffled by (seed, epoch), sharded across processes, whole
-    batches only. It yields epoch * N + index rather than index, so that SeededViews can give each
-    sample augmentations that depend only on (seed, epoch, index): a resumed run then sees the very
-    views an uninterrupted one would, whatever the number of workers."""
+    """Training order for one process: shuffled by (seed, epoch), sharded over processes, whole batches
+    only. It yields epoch * N + index rather than index, so that SeededViews gives each sample views
+    that depend only on (seed, epoch, index): a resumed run sees the very views an uninterrupted one
+    would, whatever the number of workers."""
 
     def __init__(self, dataset_size: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
         self.size, self.batch_size, self.seed = dataset_size, batch_size, seed
@@ -149,7 +174,7 @@ class EpochSampler(Sampler):
 
 class SeededViews(Dataset):
     """Wraps a dataset whose keys come from EpochSampler: seeds torch's RNG from (seed, epoch, index)
-    before the transform runs, so augmentations are reproducible per sample."""
+    before the transform runs, so the augmentations are reproducible per sample."""
 
     def __init__(self, dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -163,19 +188,27 @@ class SeededViews(Dataset):
         return self.dataset[index]
 
 
-def _ignore_stop_signals(worker_id: int):
-    """Loader workers ignore SIGTERM/SIGINT: torchrun and schedulers signal the whole process group,
-    and a worker killed mid-step would crash the trainer before it can write its checkpoint."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _worker_init(exiting, worker_id: int):
+    # While the trainer runs, workers ignore SIGINT and SIGTERM: torchrun and schedulers signal the
+    # whole process group, and a worker that died mid-step would crash the trainer before it saved.
+    # Once the trainer is exiting, SIGTERM (what Python sends its workers at exit) ends them, so an
+    # exit never waits forever on a worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0) if exiting.is_set() else None)
 
 
-def build_train_loader(dataset, batch_size: int, workers: int, seed: int) -> DataLoader:
-    """Per-process training loader over equal, full batches (drop_last) with reproducible views.
-    Call loader.sampler.set_epoch(epoch) before each epoch."""
+@contextlib.contextmanager
+def train_loader(dataset, batch_size: int, workers: int, seed: int):
+    """Yields this process's training loader: equal, full batches with reproducible views. Call
+    loader.sampler.set_epoch(epoch) before each epoch. Leaving the block, however it is left, lets
+    the workers end."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
-    sampler = EpochSampler(len(dataset), batch_size, seed, world, rank)
-    return DataLoader(SeededViews(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=_ignore_stop_signals,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    exiting = multiprocessing.Event()
+    try:
+        yield DataLoader(SeededViews(dataset, seed), batch_size=batch_size, num_workers=workers,
+                         sampler=EpochSampler(len(dataset), batch_size, seed, world, rank), drop_last=True,
+                         pin_memory=torch.cuda.is_available(), worker_init_fn=functools.partial(_worker_init, exiting),
+                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    finally:
+        exiting.set()

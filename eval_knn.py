@@ -1,11 +1,10 @@
-"""k-NN evaluation of a frozen trunk (METHOD.md section 5), and the pieces eval_linear.py shares.
+"""k-NN evaluation of a frozen trunk, and the pieces eval_linear.py and train.py share.
 
 A test image's score for class c is the sum of exp(cos / T) over its k nearest training images of class
-c (cosine similarity of pooled fp32 features; Wu et al. 2018, as DINO's eval_knn). One extraction serves every k.
+c (cosine similarity of pooled fp32 features; Wu et al. 2018, as in DINO). One extraction serves every k.
 
-    python eval_knn.py --weights backbone.pth --arch resnet50 --dataset imagefolder \
-        --train-dir imagenet/train --val-dir imagenet/val --out knn.json
-    python eval_knn.py --weights random --arch resnet18 --stem cifar --dataset cifar10 --data data/ --image-size 32
+    python eval_knn.py --weights runs/mosrep/backbone.pth --data imagenet/train --val-data imagenet/val
+    python eval_knn.py --weights random --arch resnet18 --stem cifar --image-size 32 --data data/cifar10-jpg/train
     torchrun --nproc_per_node 8 eval_knn.py ...    # each process extracts a shard of the features
 """
 import argparse
@@ -18,19 +17,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from data import DATASETS, build_dataset, eval_transform
-from models import ARCHS, gather_all, init_distributed, load_trunk, rank, world_size
+from data import DATASETS, build_splits, eval_transform
+from models import ARCHS, STEMS, gather_all, init_distributed, load_trunk, rank, world_size
+
+KNN_TEMPERATURE = 0.07
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the flags both evaluation scripts share (weights, network, data, loader, output); returns parser."""
     parser.add_argument("--weights", required=True, help="a backbone.pth, a train.py checkpoint.pth, or 'random'")
     parser.add_argument("--arch", default="resnet50", choices=ARCHS)
-    parser.add_argument("--stem", default="imagenet", choices=("imagenet", "cifar"))
+    parser.add_argument("--stem", default="imagenet", choices=STEMS)
     parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
-    parser.add_argument("--train-dir", help="imagefolder: the training split, one folder per class")
-    parser.add_argument("--val-dir", help="imagefolder: the validation split, the same class folders")
-    parser.add_argument("--data", help="cifar10, cifar100, stl10: torchvision's dataset folder")
+    parser.add_argument("--data", help="the training split's ImageFolder, or torchvision's folder for cifar10/cifar100/stl10")
+    parser.add_argument("--val-data", help="the val split's ImageFolder (default: a val/ or test/ folder beside --data)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -41,45 +41,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_trunk(args, device) -> torch.nn.Module:
     """models.load_trunk(args.weights, args.arch, args.stem) in eval mode on device; 'random' is seeded
-    from args.seed (default 0), the same on every process. A bad --weights exits with one line."""
+    from args.seed, the same on every process. A bad --weights exits with one line."""
     torch.manual_seed(getattr(args, "seed", 0))
     try:
         trunk = load_trunk(args.weights, args.arch, args.stem)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    return to_device(trunk, device).eval()
-
-
-def to_device(images: torch.Tensor, device) -> torch.Tensor:
-    """images [B, 3, H, W] (or the trunk) -> the same on device, channels_last there when it is a GPU."""
     memory_format = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
-    return images.to(device, non_blocking=True, memory_format=memory_format)
-
-
-def build_splits(args, train_transform, val_transform):
-    """The dataset flags -> (train dataset, val dataset, num_classes); a one-line SystemExit when a
-    split is missing or the two splits have different classes."""
-    splits = []
-    for train, flag, folder, transform in ((True, "--train-dir", args.train_dir, train_transform),
-                                           (False, "--val-dir", args.val_dir, val_transform)):
-        if args.dataset == "imagefolder" and not folder:
-            raise SystemExit(f"error: {flag} is required with --dataset imagefolder")
-        if args.dataset == "imagefolder" and not os.path.isdir(folder):
-            raise SystemExit(f"error: {flag} {folder} does not exist")
-        root = folder if args.dataset == "imagefolder" else args.data
-        splits.append(build_dataset(args.dataset, root, train, transform, args.image_size))
-    (train_set, val_set), classes = splits, getattr(splits[0], "classes", None)
-    if classes is None:                                     # FakeData
-        return train_set, val_set, train_set.num_classes
-    if getattr(val_set, "classes", classes) != classes:
-        raise SystemExit(f"error: the val split has {len(val_set.classes)} classes, the train split {len(classes)} "
-                         f"(or other names): both need the same class folders")
-    return train_set, val_set, len(classes)
+    return trunk.to(device, memory_format=memory_format).eval()
 
 
 def shard_loader(dataset, batch_size: int, workers: int) -> DataLoader:
-    """An unshuffled loader over this process's contiguous shard of dataset (rank r of W gets
-    images [N*r/W, N*(r+1)/W)), so that gathering the shards in rank order restores dataset order."""
+    """An unshuffled loader over this process's contiguous shard of dataset (rank r of W gets images
+    [N*r/W, N*(r+1)/W)), so that gathering the shards in rank order restores the dataset's order."""
     n, world, r = len(dataset), world_size(), rank()
     shard = Subset(dataset, range(n * r // world, n * (r + 1) // world))
     return DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
@@ -96,16 +70,22 @@ def _gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(trunk, loader, device):
-    """Pooled fp32 features of every image loader yields (images [B, 3, H, W], labels [B]), through
-    the trunk in eval mode (its BN statistics stay as they are), gathered over processes in rank order.
-    Returns (features [N, C] fp32, labels [N] int64) on device, NOT L2-normalised (the probe wants them raw)."""
+def extract_features(trunk, loader, device, name: str = "features"):
+    """Pooled fp32 features of every image loader yields (images [B, 3, H, W], labels [B]), through the
+    trunk in eval mode (its BN statistics stay as they are), gathered over processes in rank order.
+    Returns (features [N, C] fp32, labels [N] int64) on device, not normalised (the probe wants them
+    raw). Rank 0 prints its progress every 10 s."""
     trunk.eval()
     features = [torch.zeros(0, trunk.out_channels, device=device)]
     labels = [torch.zeros(0, dtype=torch.long, device=device)]
+    start = shown = time.time()
     for images, targets in loader:
-        features.append(trunk.pooled(to_device(images, device)).float())
+        features.append(trunk.pooled(images.to(device, non_blocking=True)).float())
         labels.append(torch.as_tensor(targets).to(device).long())
+        if rank() == 0 and time.time() - shown > 10:
+            shown = time.time()
+            print(f"  {name}: {sum(map(len, labels))}/{len(loader.dataset)} images of this process "
+                  f"({shown - start:.0f} s)", flush=True)
     return _gather(torch.cat(features)), _gather(torch.cat(labels))
 
 
@@ -139,17 +119,17 @@ def _count_correct(scores, labels):
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor):
-    """scores [N, K], labels [N] -> (top-1 %, top-5 %); top-5 is top-K when K < 5, ties rank the
-    lower class first, an empty set gives (0, 0)."""
+    """scores [N, K], labels [N] -> (top-1 %, top-5 %); top-5 is top-K when K < 5, ties rank the lower
+    class first, an empty set gives (0, 0)."""
     top1, top5 = _count_correct(scores, labels)
     return 100.0 * top1 / max(len(labels), 1), 100.0 * top5 / max(len(labels), 1)
 
 
 def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, temperature: float,
                  num_classes: int, chunk_size: int = 256) -> dict:
-    """Shapes as knn_predict, test_labels [M] -> {k: {"top1": %, "top5": %}} for every k in ks, all
-    from one similarity pass."""
-    ks = list(dict.fromkeys(ks))   # a repeated k would be counted twice
+    """Shapes as knn_predict, test_labels [M] -> {k: {"top1": %, "top5": %}} for every k in ks, all from
+    one similarity pass; a repeated k counts once."""
+    ks = list(dict.fromkeys(ks))
     counts = {k: [0, 0] for k in ks}
     chunks = _knn_scores(train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size)
     for scores, truth in zip(chunks, test_labels.split(chunk_size)):
@@ -162,33 +142,33 @@ def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, t
 def main():
     parser = add_common_args(argparse.ArgumentParser(description="k-NN evaluation of a frozen trunk"))
     parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 20, 200])
-    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
     args = parser.parse_args()
     if min(args.k) < 1 or args.temperature <= 0:
         parser.error("--k values and --temperature must be positive")
     device = init_distributed()
-    trunk = build_trunk(args, device)
-    transform = eval_transform(args.image_size)
-    train_set, val_set, num_classes = build_splits(args, transform, transform)
-    start = time.time()
-    train_features, train_labels = extract_features(trunk, shard_loader(train_set, args.batch_size, args.workers), device)
-    test_features, test_labels = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device)
-    seconds = time.time() - start
-    if rank() == 0:
-        results = evaluate_knn(train_features, train_labels, test_features, test_labels, args.k,
-                               args.temperature, num_classes)
-        print(f"k-NN on {len(train_labels)} train / {len(test_labels)} test images, {num_classes} classes, "
-              f"T={args.temperature}, features in {seconds:.0f}s")
-        print(f"{'k':>6} {'top-1':>7} {'top-5':>7}")
-        for k, result in results.items():
-            clamped = f"  (k clamped to {len(train_labels)})" if k > len(train_labels) else ""
-            print(f"{k:>6} {result['top1']:7.2f} {result['top5']:7.2f}{clamped}")
-        if args.out:
-            with open(args.out, "w") as file:
-                json.dump({"args": vars(args), "num_train": len(train_labels), "num_test": len(test_labels),
-                           "num_classes": num_classes, "knn": {str(k): r for k, r in results.items()}}, file, indent=2)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        trunk = build_trunk(args, device)
+        transform = eval_transform(args.image_size)
+        train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, transform, transform,
+                                                       args.image_size)
+        start = time.time()
+        train_x, train_y = extract_features(trunk, shard_loader(train_set, args.batch_size, args.workers), device, "train")
+        test_x, test_y = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device, "val")
+        if rank() == 0:
+            results = evaluate_knn(train_x, train_y, test_x, test_y, args.k, args.temperature, num_classes)
+            print(f"k-NN on {len(train_y)} train / {len(test_y)} test images, {num_classes} classes, "
+                  f"T={args.temperature}, features in {time.time() - start:.0f}s\n{'k':>6} {'top-1':>7} {'top-5':>7}")
+            for k, result in results.items():
+                clamped = f"  (k clamped to {len(train_y)})" if k > len(train_y) else ""
+                print(f"{k:>6} {result['top1']:7.2f} {result['top5']:7.2f}{clamped}")
+            if args.out:
+                with open(args.out, "w") as file:
+                    json.dump({"args": vars(args), "num_train": len(train_y), "num_test": len(test_y),
+                               "num_classes": num_classes, "knn": {str(k): r for k, r in results.items()}}, file, indent=2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

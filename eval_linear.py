@@ -1,13 +1,13 @@
-"""Linear probe of a frozen trunk (METHOD.md section 5).
+"""Linear probe of a frozen trunk.
 
 A non-affine BatchNorm + linear layer on pooled features, trained with SGD (momentum 0.9, wd 0, cosine
 schedule, no AMP); one head per --lr, all trained at once, the best lr picked on the val split that it is
-also reported on (as in the papers). Default mode trains on cached centre-crop features; --augment is the
-paper's protocol, RandomResizedCrop + flip through the frozen trunk every epoch. --label-fraction 0.01 / 0.1
-trains on a class-balanced subset of the training labels (the paper's 1 % / 10 % rows).
+also reported on (as in the papers). The default mode trains on cached centre-crop features; --augment is
+the paper's protocol, RandomResizedCrop + flip through the frozen trunk every epoch. --label-fraction
+0.01 / 0.1 trains on a class-balanced subset of the training labels (the paper's 1 % / 10 % rows).
 
-    python eval_linear.py --weights backbone.pth --dataset imagefolder --train-dir imagenet/train \
-        --val-dir imagenet/val [--augment] [--label-fraction 0.01] --out linear.json
+    python eval_linear.py --weights runs/mosrep/backbone.pth --data imagenet/train --val-data imagenet/val \
+        [--augment] [--label-fraction 0.01] --out linear.json
     torchrun --nproc_per_node 8 eval_linear.py --augment ...
 """
 import argparse
@@ -21,9 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
-from data import eval_transform
-from eval_knn import (accuracy, add_common_args, build_splits, build_trunk, extract_features,
-                      shard_loader, to_device)
+from data import build_splits, eval_transform
+from eval_knn import accuracy, add_common_args, build_trunk, extract_features, shard_loader
 from models import init_distributed, rank, world_size
 
 
@@ -68,7 +67,7 @@ def frozen_features(trunk, loader, device):
     trunk.eval()
     for images, labels in loader:
         with torch.no_grad():   # not around the yield: the caller's head training needs gradients
-            features = trunk.pooled(to_device(images, device)).float()
+            features = trunk.pooled(images.to(device, non_blocking=True)).float()
         yield features, labels.to(device)
 
 
@@ -120,6 +119,41 @@ def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, nu
     return results
 
 
+def probe_batches(args, trunk, train_set, device):
+    """(make_batches(epoch), steps per epoch) of the training split: cached features, extracted once
+    (every process holds all of them), or with --augment fresh views through the trunk each epoch."""
+    if not args.augment:
+        features, labels = extract_features(trunk, shard_loader(train_set, args.batch_size, args.workers), device, "train")
+        generator = torch.Generator().manual_seed(args.seed)
+        return (lambda epoch: cached_batches(features, labels, args.batch_size, generator)), math.ceil(len(labels) / args.batch_size)
+    distributed = world_size() > 1
+    sampler = (DistributedSampler(train_set, seed=args.seed) if distributed
+               else RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed)))
+    loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+
+    def make_batches(epoch):
+        if distributed:
+            sampler.set_epoch(epoch)
+        return frozen_features(trunk, loader, device)
+    return make_batches, len(loader)
+
+
+def report(args, results, epochs, num_train, num_val, num_classes, seconds):
+    """Print the per-lr table (rank 0) and write it to --out as JSON."""
+    best = max(results, key=lambda r: r["best_top1"])
+    print(f"linear probe, {num_train} train / {num_val} val images, {num_classes} classes, "
+          f"{'augmented' if args.augment else 'cached'} mode, {epochs} epochs, {seconds:.0f}s")
+    print(f"{'lr':>8} {'best ep':>7} {'best top-1':>10} {'best top-5':>10} {'last top-1':>10} {'last top-5':>10}")
+    for r in results:
+        print(f"{r['lr']:>8g} {r['best_epoch']:>7} {r['best_top1']:10.2f} {r['best_top5']:10.2f} "
+              f"{r['last_top1']:10.2f} {r['last_top5']:10.2f}{'  <- best' if r is best else ''}")
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump({"args": vars(args), "epochs": epochs, "num_train": num_train, "num_val": num_val,
+                       "num_classes": num_classes, "heads": results, "best": best}, file, indent=2)
+
+
 def main():
     parser = add_common_args(argparse.ArgumentParser(description="linear probe of a frozen trunk"))
     parser.add_argument("--lr", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
@@ -132,59 +166,31 @@ def main():
     if epochs < 1 or min(args.lr) <= 0:
         parser.error("--epochs and --lr must be positive")
     device = init_distributed()
-    trunk = build_trunk(args, device)
-    torch.manual_seed(args.seed)   # the heads' initialisation
-    train_set, val_set, num_classes = build_splits(args, eval_transform(args.image_size, augment=args.augment),
-                                                   eval_transform(args.image_size))
-    if args.label_fraction != 1:
-        # .targets / .labels spare decoding every image; FakeData has neither
-        labels = getattr(train_set, "targets", getattr(train_set, "labels", None))
-        if labels is None:
-            labels = [train_set[i][1] for i in range(len(train_set))]
-        try:
-            train_set = Subset(train_set, balanced_subset(labels, args.label_fraction, args.seed).tolist())
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
-    start = time.time()
-    # the trunk is frozen: the val features are the same every epoch, in both modes
-    val_features, val_labels = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device)
-    distributed = world_size() > 1
-    if args.augment:
-        sampler = (DistributedSampler(train_set, seed=args.seed) if distributed
-                   else RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed)))
-        loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
-                            pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-
-        def make_batches(epoch):
-            if distributed:
-                sampler.set_epoch(epoch)
-            return frozen_features(trunk, loader, device)
-        steps = len(loader)
-    else:
-        train_features, train_labels = extract_features(trunk, shard_loader(train_set, args.batch_size, args.workers), device)
-        generator = torch.Generator().manual_seed(args.seed)
-        make_batches = lambda epoch: cached_batches(train_features, train_labels, args.batch_size, generator)
-        steps = math.ceil(len(train_labels) / args.batch_size)
+    try:
+        trunk = build_trunk(args, device)
+        torch.manual_seed(args.seed)   # the heads' initialisation
+        train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
+            args.image_size, augment=args.augment), eval_transform(args.image_size), args.image_size)
+        if args.label_fraction != 1:
+            # .targets / .labels spare decoding every image; FakeData has neither
+            labels = getattr(train_set, "targets", getattr(train_set, "labels", None))
+            labels = [train_set[i][1] for i in range(len(train_set))] if labels is None else labels
+            try:
+                train_set = Subset(train_set, balanced_subset(labels, args.label_fraction, args.seed).tolist())
+            except ValueError as error:
+                raise SystemExit(f"error: {error}") from None
+        start = time.time()
+        # the trunk is frozen: the val features are the same every epoch, in both modes
+        val_x, val_y = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device, "val")
+        make_batches, steps = probe_batches(args, trunk, train_set, device)
+        if args.augment or rank() == 0:   # cached mode: rank 0 holds every feature and trains alone
+            results = train_probe(make_batches, steps, val_x, val_y, trunk.out_channels, num_classes, args.lr, epochs,
+                                  args.wd, ddp=args.augment and world_size() > 1, log=print if rank() == 0 else (lambda *_: None))
         if rank() == 0:
-            print(f"features extracted in {time.time() - start:.0f}s")
-    # cached mode: every process holds all features, so rank 0 alone trains the heads
-    if args.augment or rank() == 0:
-        results = train_probe(make_batches, steps, val_features, val_labels, trunk.out_channels, num_classes, args.lr,
-                              epochs, args.wd, ddp=args.augment and distributed, log=print if rank() == 0 else (lambda *_: None))
-    if rank() == 0:
-        best = max(results, key=lambda r: r["best_top1"])
-        print(f"linear probe, {len(train_set)} train / {len(val_labels)} val images, {num_classes} classes, "
-              f"{'augmented' if args.augment else 'cached'} mode, {epochs} epochs, {time.time() - start:.0f}s")
-        print(f"{'lr':>8} {'best ep':>7} {'best top-1':>10} {'best top-5':>10} {'last top-1':>10} {'last top-5':>10}")
-        for r in results:
-            print(f"{r['lr']:>8g} {r['best_epoch']:>7} {r['best_top1']:10.2f} {r['best_top5']:10.2f} "
-                  f"{r['last_top1']:10.2f} {r['last_top5']:10.2f}{'  <- best' if r is best else ''}")
-        if args.out:
-            with open(args.out, "w") as file:
-                json.dump({"args": vars(args), "epochs": epochs, "num_train": len(train_set), "num_val": len(val_labels),
-                           "num_classes": num_classes, "heads": results, "best": best}, file, indent=2)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+            report(args, results, epochs, len(train_set), len(val_y), num_classes, time.time() - start)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

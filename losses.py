@@ -1,9 +1,14 @@
-"""The two objectives MosRep plugs into: InfoNCE (MoCo-v2) and the BYOL cosine loss.
+"""The two objectives MosRep plugs into: InfoNCE (MoCo-v2) and the BYOL cosine loss. Imports only torch.
 
-Both take a `targets` index per query, so the same function serves a global view (target = its own
-image) and a mosaic crop (target = the image it was cropped from), and optional per-query weights
-(the mosaic's sqrt visible area). Both compute in fp32: under fp16 autocast, logits / 0.2 and
-exp() overflow long before a ResNet does. Imports only torch.
+Both take their inputs the same way:
+- queries [N, D]: what the online branch makes of each view or crop (MoCo: its embedding; BYOL: its
+  prediction), not normalised: each loss L2-normalises its own inputs.
+- keys [K, D]: what the target branch makes of the global views. No gradient reaches them.
+- positives [N]: for each query, the row of `keys` it must match: its own image for a global view,
+  the image it was cut from for a crop (mosaic.Mosaic.sources, plus rank * B under DDP).
+- weights [N] or None: per-query loss weights (a mosaic crop's sqrt visible area).
+Both compute in fp32 whatever the autocast dtype: under fp16, logits / 0.2 and exp() overflow long
+before a ResNet does. Each returns a scalar, the weighted mean over queries.
 """
 from typing import Optional
 
@@ -12,37 +17,31 @@ import torch.nn.functional as F
 
 
 def _weighted_mean(per_query: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    if weights is None:
-        return per_query.mean()
-    return (weights.float() * per_query).mean()
+    return per_query.mean() if weights is None else (weights.float() * per_query).mean()
 
 
-def info_nce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
-             queue: Optional[torch.Tensor], temperature: float,
-             weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Contrastive loss of each query against all keys and the queue.
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
+             weights: Optional[torch.Tensor] = None, queue: Optional[torch.Tensor] = None,
+             temperature: float = 0.2) -> torch.Tensor:
+    """Contrastive loss of each query against all keys and the queue (negatives only).
 
-    queries [N, D] and keys [K, D] are L2-normalised; queue [Q, D] (or None) holds past keys, all
-    negatives. logits = [queries @ keys.T, queries @ queue.T] / temperature, [N, K+Q]; the positive
-    of query n is column targets[n] (< K). Returns mean(weights * cross-entropy), a scalar.
+    queue [Q, D] or None. logits = [q @ keys.T, q @ queue.T] / temperature, [N, K+Q]; the positive of
+    query n is column positives[n] (< K). Returns mean(weights * cross-entropy).
     """
-    with torch.autocast(queries.device.type, enabled=False):   # else matmuls run in bf16/fp16 anyway
-        queries, keys = queries.float(), keys.float()
-        logits = queries @ keys.T                                               # [N, K]
+    with torch.autocast(queries.device.type, enabled=False):   # else the matmuls run in bf16/fp16 anyway
+        q = F.normalize(queries.float(), dim=1)                                 # [N, D]
+        k = F.normalize(keys.detach().float(), dim=1)                           # [K, D]
+        logits = q @ k.T                                                        # [N, K]
         if queue is not None:
-            logits = torch.cat([logits, queries @ queue.float().T], dim=1)      # [N, K+Q]
-        per_query = F.cross_entropy(logits / temperature, targets, reduction="none")  # [N]
+            logits = torch.cat([logits, q @ F.normalize(queue.detach().float(), dim=1).T], dim=1)  # [N, K+Q]
+        per_query = F.cross_entropy(logits / temperature, positives, reduction="none")           # [N]
         return _weighted_mean(per_query, weights)
 
 
-def byol_loss(predictions: torch.Tensor, target_embeddings: torch.Tensor, targets: torch.Tensor,
+def byol_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
               weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """BYOL regression loss 2 - 2 cos(p_n, sg(z[targets[n]])), weighted mean over n.
-
-    predictions [N, D] from the online branch, target_embeddings [K, D] from the target branch
-    (no gradient reaches them), targets [N] indices into target_embeddings. Ranges over [0, 4].
-    """
-    with torch.autocast(predictions.device.type, enabled=False):
-        p = F.normalize(predictions.float(), dim=1)                             # [N, D]
-        z = F.normalize(target_embeddings.detach().float(), dim=1)[targets]     # [N, D]
-        return _weighted_mean(2 - 2 * (p * z).sum(dim=1), weights)
+    """BYOL's regression loss 2 - 2 cos(q_n, sg(keys[positives[n]])), weighted mean over n; in [0, 4]."""
+    with torch.autocast(queries.device.type, enabled=False):
+        q = F.normalize(queries.float(), dim=1)                                 # [N, D]
+        k = F.normalize(keys.detach().float(), dim=1)[positives]                # [N, D]
+        return _weighted_mean(2 - 2 * (q * k).sum(dim=1), weights)

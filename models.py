@@ -1,10 +1,11 @@
-"""Networks of MosRep: a torchvision ResNet trunk, the RoI head, and the MoCo-v2 and BYOL learners.
+"""Networks of MosRep: a torchvision ResNet trunk, the RoI head, the MoCo-v2 and BYOL learners, and
+their checkpoints. Imports only torch, torchvision and the Mosaic type.
 
-Each learner's forward takes the two global views and, optionally, the local views: a Mosaic
-(MosRep), a [B, M, C, s, s] tensor of small crops (multi-crop baseline) or None (two views). It
-returns a dict of scalar losses {loss, loss_global, loss_local}. The same code runs in one process
-(CPU or one GPU) and under DistributedDataParallel: cross-process steps (gathering keys, shuffle-BN)
-turn into no-ops when there is no process group. Imports only torch, torchvision and mosaic.Mosaic.
+A learner's forward takes the two global views x1, x2 [B, 3, S, S] and the local views: a Mosaic
+(MosRep), a [B, M, 3, s, s] tensor of small crops (the multi-crop baseline) or None (two views). It
+returns a dict of scalars {loss, loss_global, loss_local, target_std}. The same code runs in one
+process (CPU or one GPU) and under DistributedDataParallel: the cross-process steps (gathering
+keys, shuffle-BN) do nothing when there is no process group.
 """
 import copy
 import os
@@ -20,23 +21,22 @@ from losses import byol_loss, info_nce
 from mosaic import Mosaic
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
+STEMS = ("imagenet", "cifar")
 
 
 class Trunk(nn.Module):
-    """A torchvision ResNet without pooling and fc: images [N, 3, H, W] -> C5 map [N, C, H/s, W/s].
+    """A torchvision ResNet without pooling and fc: images [N, 3, H, W] -> C5 map [N, C, H/stride, W/stride].
 
     Its state_dict keys are torchvision's, so `torchvision.models.<arch>()` loads it with only fc.*
-    missing (with the cifar stem, conv1 must be swapped the same way first). stem='cifar' uses a
-    3x3 stride-1 conv and no max-pool, the usual stem for 32 px images: C5 keeps 4x4 cells for a
-    32 px view (stride 8) instead of 1x1, so roi_align has something to align to.
+    missing (for the cifar stem, swap conv1 and maxpool the same way first). The cifar stem (3x3
+    stride-1 conv, no max-pool) is the usual one for 32 px images: C5 keeps 4x4 cells for a 32 px
+    view (stride 8) instead of 1x1, so roi_align has something to align to.
     """
 
     def __init__(self, arch: str = "resnet50", stem: str = "imagenet"):
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"unknown stem {stem!r}; choose imagenet or cifar")
+        if arch not in ARCHS or stem not in STEMS:
+            raise ValueError(f"unknown arch {arch!r} or stem {stem!r}; choose from {ARCHS} and {STEMS}")
         # zero-init of each block's last BN makes every residual block start as the identity.
         net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
         if stem == "cifar":
@@ -51,6 +51,9 @@ class Trunk(nn.Module):
             self.stride *= layer[0].stride   # torchvision blocks keep their stride
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Inputs follow the weights' memory layout (channels_last on GPU), else cuDNN converts at every layer.
+        if self.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+            images = images.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -59,27 +62,48 @@ class Trunk(nn.Module):
         return self(images).mean(dim=(2, 3))
 
 
+def save_checkpoint(folder: str, learner: "_Learner", args: dict, **training_state):
+    """Write folder/checkpoint.pth ({learner, backbone, args} and training_state) and folder/backbone.pth
+    (the backbone's torchvision-keyed state_dict), each atomically (temp file, then rename): a crash or a
+    full disk mid-write leaves the previous file intact. Raises OSError when a write fails."""
+    backbone = learner.backbone.state_dict()   # shares storage with the learner's state: saved once
+    checkpoint = dict(learner=learner.state_dict(), backbone=backbone, args=args, **training_state)
+    for name, content in (("checkpoint.pth", checkpoint), ("backbone.pth", backbone)):
+        path = os.path.join(folder, name)
+        try:
+            torch.save(content, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        finally:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+
+
+def read_checkpoint(path: str):
+    """torch.load(path) onto the CPU, tensors only; ValueError with a one-line reason when it can't."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable torch file ({type(error).__name__})") from None
+
+
 def load_trunk(weights: str, arch: str, stem: str) -> Trunk:
     """A Trunk with weights from a backbone.pth (torchvision keys), a train.py checkpoint.pth, or
-    'random' (random init, the baseline). Raises ValueError with a one-line explanation when the
-    file is missing or holds another arch/stem."""
+    'random' (the random-init baseline). ValueError with a one-line fix when the file is missing,
+    unreadable or holds another arch/stem."""
     trunk = Trunk(arch, stem)
     if weights == "random":
         return trunk
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"weights file {weights} does not exist; pass a backbone.pth, a checkpoint.pth or 'random'") from None
-    except Exception as error:
-        raise ValueError(f"cannot read {weights} as a torch file ({type(error).__name__}); is it a backbone.pth?") from None
-    if isinstance(state, dict) and "model" in state and "args" in state:     # a train.py checkpoint
+    state = read_checkpoint(weights)
+    if isinstance(state, dict) and "backbone" in state and "args" in state:   # a train.py checkpoint
         saved = state["args"]
         if (saved.get("arch"), saved.get("stem")) != (arch, stem):
             raise ValueError(f"{weights} was trained with --arch {saved.get('arch')} --stem {saved.get('stem')}; "
                              f"pass those instead of --arch {arch} --stem {stem}")
-        state = {k[len("online.trunk."):]: v for k, v in state["model"].items() if k.startswith("online.trunk.")}
+        state = state["backbone"]
     if not isinstance(state, dict):
-        raise ValueError(f"{weights} holds no state_dict")
+        raise ValueError(f"{weights} holds no state_dict; pass a backbone.pth, a checkpoint.pth or 'random'")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     mine = trunk.state_dict()
     wrong = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
@@ -94,16 +118,15 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn.Sequ
     """Linear -> [BN] -> ReLU -> Linear: [N, in_dim] -> [N, out_dim]."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=not batch_norm),
                          nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity(),
-                         nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 class Head(nn.Module):
     """conv1x1 + BN + ReLU on a feature map -> global average pool -> MLP: [N, C, h, w] -> [N, out_dim].
 
-    The same head takes a global view's C5 map and the roi_align features of a mosaic crop, so a
-    crop and a whole image land in one embedding space. The conv before pooling gives the RoI
-    features a learned spatial transform of their own (the released code's design).
+    The same head takes a global view's C5 map and a mosaic crop's roi_align map, so crops and whole
+    images land in one embedding space. The conv before pooling gives the RoI features a learned
+    spatial transform of their own (the released code's design).
     """
 
     def __init__(self, channels: int, hidden_dim: int, out_dim: int, mlp_batch_norm: bool):
@@ -119,13 +142,10 @@ class Head(nn.Module):
 class Encoder(nn.Module):
     """Trunk + Head. Calling it embeds whole images; embed_local embeds the local views."""
 
-    def __init__(self, arch: str, stem: str, hidden_dim: int, out_dim: int, mlp_batch_norm: bool,
-                 roi_size: int = 7):
+    def __init__(self, trunk: Trunk, hidden_dim: int, out_dim: int, mlp_batch_norm: bool, roi_size: int = 7):
         super().__init__()
-        self.trunk = Trunk(arch, stem)
-        channels = self.trunk.out_channels
-        self.head = Head(channels, hidden_dim or channels, out_dim, mlp_batch_norm)
-        self.roi_size = roi_size
+        self.trunk, self.roi_size = trunk, roi_size
+        self.head = Head(trunk.out_channels, hidden_dim, out_dim, mlp_batch_norm)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, 3, H, W] -> embeddings [N, out_dim] (not normalised)."""
@@ -134,25 +154,24 @@ class Encoder(nn.Module):
     def embed_local(self, local):
         """Local views -> (embeddings [B*M, D], source image [B*M], loss weights [B*M] or None).
 
-        Mosaic: one trunk pass over the B mosaics, then each crop's features are cut out of the C5
-        map with roi_align at its box, so every crop is encoded with other images' crops around it.
+        Mosaic: one trunk pass over the B mosaics, then roi_align cuts each crop's features out of the
+        C5 map at its box, so every crop is encoded with other images' crops around it.
         Tensor [B, M, C, s, s]: the multi-crop baseline, each crop a separate small image.
         """
         if isinstance(local, Mosaic):
             feature_map = self.trunk(local.images)                                   # [B, C, h, w]
-            # fp32 boxes whatever the autocast dtype: bf16 holds integers only up to 256, so batch
-            # indices and pixel corners beyond that would snap to the wrong mosaic or pixel.
+            # fp32 rois and map whatever the autocast dtype (see the contract in mosaic.py).
             crop_maps = roi_align(feature_map.float(), local.rois.float(), output_size=self.roi_size,
                                   spatial_scale=1.0 / self.trunk.stride, sampling_ratio=2, aligned=True)
-            return self.head(crop_maps.to(feature_map.dtype)), local.targets, local.weights   # [B*M, D]
+            return self.head(crop_maps.to(feature_map.dtype)), local.sources, local.weights   # [B*M, D]
         B, M = local.shape[:2]
         embeddings = self(local.flatten(0, 1))                                       # [B*M, D], row b*M+j
         return embeddings, torch.arange(B, device=local.device).repeat_interleave(M), None
 
 
 def init_distributed() -> torch.device:
-    """Join torchrun's process group when it set RANK (nccl on CUDA, gloo on CPU), else stay a
-    world of one; every later code path is the same either way. Returns this process's device."""
+    """Join torchrun's process group when it set RANK (nccl on CUDA, gloo on CPU), else stay a world
+    of one; every later code path is the same either way. Returns this process's device."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -182,61 +201,68 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Learner(nn.Module):
-    """What both learners share: an online encoder and its EMA copy, the target."""
+    """What both learners share: an online encoder, its EMA copy (the target), the exported backbone."""
 
     def _make_target(self):
         self.target = copy.deepcopy(self.online).requires_grad_(False)
 
+    @property
+    def backbone(self) -> Trunk:
+        """The online trunk: what training exports (backbone.pth) and evaluation measures."""
+        return self.online.trunk
+
     @torch.no_grad()
-    def update_target(self, momentum: float):
-        """EMA step on parameters: target <- momentum * target + (1 - momentum) * online.
+    def update_target(self, ema: float):
+        """EMA step on parameters: target <- ema * target + (1 - ema) * online (MoCo's m, BYOL's tau).
 
         BN running statistics are not averaged: the target always runs in train mode (batch stats).
         """
-        torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), 1.0 - momentum)
+        torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), 1.0 - ema)
 
-    def _losses(self, loss_global, loss_local):
+    @staticmethod
+    def _report(loss_global, loss_local, keys):
+        """The loss to minimise and detached figures to log. target_std is the per-dimension std of the
+        L2-normalised target embeddings times sqrt(D): about 1 when they spread over the sphere,
+        0 when they collapse to one point (the failure a method without negatives must avoid)."""
+        keys = F.normalize(keys.detach().float(), dim=1)
         return {"loss": loss_global + loss_local, "loss_global": loss_global.detach(),
-                "loss_local": loss_local.detach()}
+                "loss_local": loss_local.detach(), "target_std": keys.std(dim=0).mean() * keys.shape[1] ** 0.5}
 
 
 class MoCo(_Learner):
     """MoCo-v2 with MosRep's local views (the released code's framework).
 
-    The query encoder embeds x_q and the local views; the EMA key encoder embeds x_k. Every query
-    (global or crop) is contrasted against the keys of the whole global batch plus the queue, with
-    its own image's key as the positive.
+    The query encoder embeds x1 and the local views; the EMA key encoder embeds x2. Every query
+    (global or crop) is contrasted with the keys of the whole global batch plus the queue, its own
+    image's key being the positive.
     """
 
     def __init__(self, arch="resnet50", stem="imagenet", dim=128, queue_size=65536, temperature=0.2,
                  roi_size=7, min_shuffle_chunk=16):
         super().__init__()
-        self.online = Encoder(arch, stem, hidden_dim=0, out_dim=dim, mlp_batch_norm=False, roi_size=roi_size)
+        trunk = Trunk(arch, stem)
+        self.online = Encoder(trunk, trunk.out_channels, dim, mlp_batch_norm=False, roi_size=roi_size)
         self._make_target()
-        self.temperature = temperature
-        self.min_shuffle_chunk = min_shuffle_chunk
+        self.temperature, self.min_shuffle_chunk = temperature, min_shuffle_chunk
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [Q, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def keys(self, x_k: torch.Tensor) -> torch.Tensor:
+    def keys(self, x2: torch.Tensor) -> torch.Tensor:
         """Key embeddings of the whole global batch, L2-normalised: [B*world, D] in rank order.
 
-        Shuffle-BN: if a key were batch-normalised together with the other views of its own batch,
-        BN statistics would leak which samples belong together and the model could find its
-        positive by that leak instead of by content. So the keys are computed on a random
-        permutation of the global batch, spread over the processes; in a single process the
-        permuted batch is split into chunks of >= min_shuffle_chunk images, each with its own BN
-        statistics, to emulate the same thing.
+        Shuffle-BN: a key batch-normalised together with the other views of its own batch would let
+        BN statistics leak which samples belong together, and the model could find its positive by
+        that leak instead of by content. So the keys are computed on a random permutation of the
+        global batch spread over the processes; in one process, the permuted batch is split into
+        chunks of >= min_shuffle_chunk images, each with its own BN statistics.
         """
-        world, B = world_size(), x_k.shape[0]
-        images = gather_all(x_k)                                                  # [B*world, ...]
-        perm = torch.randperm(images.shape[0], device=x_k.device)
+        world, B = world_size(), x2.shape[0]
+        images = gather_all(x2)                                                   # [B*world, ...]
+        perm = torch.randperm(images.shape[0], device=x2.device)
         if world > 1:
             dist.broadcast(perm, src=0)
         mine = images[perm[rank() * B:(rank() + 1) * B]]                          # [B, ...]
-        if not x_k.is_contiguous() and x_k.is_contiguous(memory_format=torch.channels_last):
-            mine = mine.contiguous(memory_format=torch.channels_last)           # keep the caller's layout
         chunks = max(1, min(8, B // self.min_shuffle_chunk)) if world == 1 else 1
         shuffled = torch.cat([self.target(c) for c in mine.chunk(chunks)])        # [B, D]
         shuffled = gather_all(F.normalize(shuffled.float(), dim=1))               # [B*world, D]
@@ -256,50 +282,50 @@ class MoCo(_Learner):
         self.queue[slots] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
-    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor, local=None) -> dict:
-        B = x_q.shape[0]
-        queue = self.queue.clone().detach() if self.queue.shape[0] else None      # [Q, D] negatives
-        own = rank() * B + torch.arange(B, device=x_q.device)                    # my images in `keys`
-        q = F.normalize(self.online(x_q).float(), dim=1)                          # [B, D]
-        keys = self.keys(x_k)                                                     # [B*world, D]
-        # L_global = CE([q.K^T, q.queue^T] / T, own index)
-        loss_global = info_nce(q, keys, own, queue, self.temperature)
-        loss_local = torch.zeros((), device=x_q.device)
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, local=None) -> dict:
+        """x1: query view, x2: key view [B, 3, S, S]; local: Mosaic, crops or None."""
+        B, T = x1.shape[0], self.temperature
+        queue = self.queue.clone() if self.queue.shape[0] else None               # [Q, D] negatives
+        own = rank() * B + torch.arange(B, device=x1.device)                     # my images' rows in `keys`
+        keys = self.keys(x2)                                                      # [B*world, D]
+        # L_global = CE([q.K^T, q.queue^T] / T, own index), q = online(x1), K = keys of the global batch
+        loss_global = info_nce(self.online(x1), keys, own, queue=queue, temperature=T)
+        loss_local = torch.zeros((), device=x1.device)
         if local is not None:
-            # L_local = mean over crops of w * CE([z.K^T, z.queue^T] / T, index of the crop's source)
+            # L_local = mean over crops c of w_c * CE([z_c.K^T, z_c.queue^T] / T, index of c's source image)
             z, sources, weights = self.online.embed_local(local)                  # [B*M, D]
-            z = F.normalize(z.float(), dim=1)
-            loss_local = info_nce(z, keys, rank() * B + sources, queue, self.temperature, weights)
+            loss_local = info_nce(z, keys, rank() * B + sources, weights, queue=queue, temperature=T)
         self.enqueue(keys)
-        return self._losses(loss_global, loss_local)
+        return self._report(loss_global, loss_local, keys)
 
 
 class BYOL(_Learner):
     """BYOL with MosRep's local views.
 
-    Online = trunk -> projector head -> predictor; target = EMA of trunk + head. Each global view
-    predicts the other's target embedding; each crop predicts both target embeddings of its source.
+    Online = trunk -> projector head -> predictor; target = EMA of trunk + head (no predictor). Each
+    global view predicts the other's target embedding; each crop predicts both target embeddings of
+    its source image.
     """
 
     def __init__(self, arch="resnet50", stem="imagenet", dim=256, hidden_dim=4096, roi_size=7):
         super().__init__()
-        self.online = Encoder(arch, stem, hidden_dim, dim, mlp_batch_norm=True, roi_size=roi_size)
+        self.online = Encoder(Trunk(arch, stem), hidden_dim, dim, mlp_batch_norm=True, roi_size=roi_size)
         self.predictor = mlp(dim, hidden_dim, dim, batch_norm=True)
         self._make_target()
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, local=None) -> dict:
-        B = x1.shape[0]
-        own = torch.arange(B, device=x1.device)
+        """x1, x2: the two global views [B, 3, S, S]; local: Mosaic, crops or None."""
+        own = torch.arange(x1.shape[0], device=x1.device)
         p1, p2 = self.predictor(self.online(x1)), self.predictor(self.online(x2))  # [B, D] each
         with torch.no_grad():
             z1, z2 = self.target(x1), self.target(x2)                              # [B, D] each
-        # L_global = l(p1, z2') + l(p2, z1'): a sum over the two views, not a mean (a mean halves
-        # the gradient against the same lr, a known reproduction trap).
+        # L_global = l(p1, z2) + l(p2, z1) with l(p, z) = 2 - 2 cos(p, sg(z)): a sum over the two views,
+        # not a mean (a mean halves the gradient at the same lr, a known reproduction trap).
         loss_global = byol_loss(p1, z2, own) + byol_loss(p2, z1, own)
         loss_local = torch.zeros((), device=x1.device)
         if local is not None:
             z, sources, weights = self.online.embed_local(local)                   # [B*M, D]
             p = self.predictor(z)                                                  # [B*M, D]
-            # L_local = mean over crops of w * (l(p_c, z1') + l(p_c, z2'))
+            # L_local = mean over crops c of w_c * (l(p_c, z1[src_c]) + l(p_c, z2[src_c]))
             loss_local = byol_loss(p, z1, sources, weights) + byol_loss(p, z2, sources, weights)
-        return self._losses(loss_global, loss_local)
+        return self._report(loss_global, loss_local, torch.cat([z1, z2]))
