@@ -16,6 +16,18 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet statistics
 DEMO_FOLDER = os.path.join("data", "cifar10-jpg")          # the demo's CIFAR-10 as an ImageFolder tree
 
 
+def add_data_args(parser, val_help: str = ""):
+    """The data and loader flags that train.py and both evaluation scripts share."""
+    parser.add_argument("--dataset", choices=DATASETS, default="imagefolder")
+    parser.add_argument("--data", help="the training split: an ImageFolder (one folder per class), or the "
+                                       "torchvision folder for cifar10/cifar100/stl10")
+    parser.add_argument("--val-data", help=f"the val split's ImageFolder {val_help}(default: a val/ or test/ folder "
+                                           f"beside --data)")
+    parser.add_argument("--image-size", type=int, default=224, help="global views and evaluation (px)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes per process")
+    parser.add_argument("--fake-size", type=int, default=512, help="images in --dataset fake")
+
+
 def _to_normalised_tensor():
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
 

@@ -9,7 +9,6 @@ c (cosine similarity of pooled fp32 features; Wu et al. 2018, as in DINO). One e
 """
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -17,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from data import DATASETS, build_splits, eval_transform
+from data import add_data_args, build_splits, eval_transform
 from models import ARCHS, STEMS, gather_all, init_distributed, load_trunk, rank, world_size
 
 KNN_TEMPERATURE = 0.07
@@ -28,12 +27,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True, help="a backbone.pth, a train.py checkpoint.pth, or 'random'")
     parser.add_argument("--arch", default="resnet50", choices=ARCHS)
     parser.add_argument("--stem", default="imagenet", choices=STEMS)
-    parser.add_argument("--dataset", default="imagefolder", choices=DATASETS)
-    parser.add_argument("--data", help="the training split's ImageFolder, or torchvision's folder for cifar10/cifar100/stl10")
-    parser.add_argument("--val-data", help="the val split's ImageFolder (default: a val/ or test/ folder beside --data)")
-    parser.add_argument("--image-size", type=int, default=224)
+    add_data_args(parser)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0, help="also seeds the 'random' trunk, the same on every process")
     parser.add_argument("--out", help="also write the results as JSON to this file")
     return parser
@@ -139,6 +134,14 @@ def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, t
     return {k: {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n} for k, (top1, top5) in counts.items()}
 
 
+def knn_eval(trunk, train_set, val_set, ks, temperature: float, num_classes: int, batch_size: int, workers: int,
+             device, name: str = "k-NN") -> dict:
+    """Extract the features of both splits (each process a shard) and return evaluate_knn's results."""
+    train_x, train_y = extract_features(trunk, shard_loader(train_set, batch_size, workers), device, f"{name} train")
+    test_x, test_y = extract_features(trunk, shard_loader(val_set, batch_size, workers), device, f"{name} val")
+    return evaluate_knn(train_x, train_y, test_x, test_y, ks, temperature, num_classes)
+
+
 def main():
     parser = add_common_args(argparse.ArgumentParser(description="k-NN evaluation of a frozen trunk"))
     parser.add_argument("--k", type=int, nargs="+", default=[1, 5, 20, 200])
@@ -148,23 +151,21 @@ def main():
         parser.error("--k values and --temperature must be positive")
     device = init_distributed()
     try:
-        trunk = build_trunk(args, device)
+        trunk, start = build_trunk(args, device), time.time()
         transform = eval_transform(args.image_size)
         train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, transform, transform,
-                                                       args.image_size)
-        start = time.time()
-        train_x, train_y = extract_features(trunk, shard_loader(train_set, args.batch_size, args.workers), device, "train")
-        test_x, test_y = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device, "val")
+                                                       args.image_size, args.fake_size)
+        results = knn_eval(trunk, train_set, val_set, args.k, args.temperature, num_classes, args.batch_size,
+                           args.workers, device)
         if rank() == 0:
-            results = evaluate_knn(train_x, train_y, test_x, test_y, args.k, args.temperature, num_classes)
-            print(f"k-NN on {len(train_y)} train / {len(test_y)} test images, {num_classes} classes, "
-                  f"T={args.temperature}, features in {time.time() - start:.0f}s\n{'k':>6} {'top-1':>7} {'top-5':>7}")
+            print(f"k-NN on {len(train_set)} train / {len(val_set)} test images, {num_classes} classes, "
+                  f"T={args.temperature}, {time.time() - start:.0f}s\n{'k':>6} {'top-1':>7} {'top-5':>7}")
             for k, result in results.items():
-                clamped = f"  (k clamped to {len(train_y)})" if k > len(train_y) else ""
+                clamped = f"  (k clamped to {len(train_set)})" if k > len(train_set) else ""
                 print(f"{k:>6} {result['top1']:7.2f} {result['top5']:7.2f}{clamped}")
             if args.out:
                 with open(args.out, "w") as file:
-                    json.dump({"args": vars(args), "num_train": len(train_y), "num_test": len(test_y),
+                    json.dump({"args": vars(args), "num_train": len(train_set), "num_test": len(val_set),
                                "num_classes": num_classes, "knn": {str(k): r for k, r in results.items()}}, file, indent=2)
     finally:
         if dist.is_initialized():

@@ -170,7 +170,7 @@ def main():
         trunk = build_trunk(args, device)
         torch.manual_seed(args.seed)   # the heads' initialisation
         train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
-            args.image_size, augment=args.augment), eval_transform(args.image_size), args.image_size)
+            args.image_size, augment=args.augment), eval_transform(args.image_size), args.image_size, args.fake_size)
         if args.label_fraction != 1:
             # .targets / .labels spare decoding every image; FakeData has neither
             labels = getattr(train_set, "targets", getattr(train_set, "labels", None))

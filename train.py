@@ -1,13 +1,12 @@
 """MosRep pre-training. One script, one code path, from a laptop CPU to many GPUs:
 
     python train.py --demo                                                      # CPU demo on CIFAR-10
-    python train.py --framework moco --data imagenet/train                      # one process
     torchrun --nproc_per_node=8 train.py --framework byol --data imagenet/train # DDP
 
-Each step: two global views and M small crops per image come from the loader; the mosaic is built on
-the device (mosaic.make_mosaic); the learner (models.MoCo or models.BYOL) returns its losses; one
-optimizer step; one EMA step of the target. Rank 0 writes checkpoint.pth, backbone.pth and log.jsonl
-to --out. The defaults are the paper's ImageNet recipe of the chosen framework.
+Each step: two global views and M small crops per image come from the loader; the mosaic is built on the
+device; the learner (models.MoCo or models.BYOL) returns its losses; one optimizer step; one EMA step of the
+target. Rank 0 writes checkpoint.pth, backbone.pth and log.jsonl to --out. The defaults are the paper's
+ImageNet recipe of the chosen framework.
 """
 import argparse
 import contextlib
@@ -31,7 +30,7 @@ RECIPES = {"moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=
            "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99, epochs=300, dim=256)}
 # The CPU demo on CIFAR-10 (README). Images are upsampled to 64 px so that the ImageNet stem (16x cheaper
 # than the cifar stem's 32 px) still leaves a 2x2 C5 map to align RoIs on. Each framework gets a recipe
-# that learns within its minutes: the ImageNet ones would learn next to nothing in 0.5 epoch.
+# that learns within the demo's minutes: the ImageNet ones would learn next to nothing in 0.5 epoch.
 DEMO = dict(framework="moco", arch="resnet18", stem="imagenet", image_size=64, crop_size=32, batch_size=128,
             epochs=1, workers=2, knn_final=True, log_every=10, out="runs/demo")
 DEMO_RECIPES = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch negatives only
@@ -46,14 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--framework", choices=["moco", "byol"], default="byol")
     p.add_argument("--views", choices=["mosaic", "multicrop", "two"], default="mosaic",
                    help="mosaic = MosRep; multicrop = the same small crops encoded separately; two = plain")
-    p.add_argument("--data", help="training images: an ImageFolder root (one folder per class), or the "
-                                  "torchvision root for cifar10/cifar100/stl10")
-    p.add_argument("--val-data", help="ImageFolder of the val split for the k-NN monitor "
-                                      "(default: a val/ or test/ folder beside --data)")
-    p.add_argument("--dataset", choices=data.DATASETS, default="imagefolder")
+    data.add_data_args(p, val_help="for the k-NN monitor ")
     p.add_argument("--arch", choices=models.ARCHS, default="resnet50")
     p.add_argument("--stem", choices=models.STEMS, default="imagenet")
-    p.add_argument("--image-size", type=int, default=224, help="global views (px)")
     p.add_argument("--crop-size", type=int, default=112, help="small crops (px)")
     p.add_argument("--crops", type=int, default=4, help="M small crops per image, a perfect square")
     p.add_argument("--jitter", type=float, help="max mosaic shift in px, 0 = off (default: 48 px per 224 px of mosaic)")
@@ -68,7 +62,6 @@ def parse_args(argv=None):
                                              "cosine to 1; 0.996 for runs over 300 epochs)")
     p.add_argument("--temperature", type=float, default=0.2, help="moco")
     p.add_argument("--queue-size", type=int, default=65536, help="moco negatives (0 = in-batch only)")
-    p.add_argument("--workers", type=int, default=8, help="data loader processes per training process")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on CUDA, off on CPU")
     p.add_argument("--out", default="runs/mosrep", help="folder for checkpoint.pth, backbone.pth, log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pth")
@@ -78,7 +71,6 @@ def parse_args(argv=None):
     p.add_argument("--knn-every", type=int, default=0, help="k-NN monitor every N epochs (0 = off)")
     p.add_argument("--knn-final", action="store_true", help="at the end, k-NN of the backbone next to a random-init one")
     p.add_argument("--knn-samples", type=int, default=10000, help="images per split for the k-NN monitor")
-    p.add_argument("--fake-size", type=int, default=512, help="images in --dataset fake")
     p.add_argument("--demo", action="store_true", help=f"CPU demo on CIFAR-10 (from {data.DEMO_FOLDER} if there, "
                    f"else downloaded): {DEMO}, per framework {DEMO_RECIPES}; flags given explicitly win")
     args = p.parse_args(argv)
@@ -105,33 +97,30 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-# Numeric flags and what they must be: checked before any work starts.
-RULES = [(name, test, need) for names, test, need in [
-    (("lr", "temperature", "jitter_alpha", "image_size", "crop_size", "crops", "batch_size", "epochs", "log_every",
-      "knn_samples", "fake_size"), lambda v: v > 0, "positive"),
-    (("wd", "jitter", "warmup_epochs", "queue_size", "workers", "max_steps", "knn_every"), lambda v: v >= 0, "at least 0"),
-    (("ema",), lambda v: 0 <= v <= 1, "within [0, 1]")] for name in names]
+# What each numeric flag must be, checked before any work starts.
+RULES = [(names.split(), test, need) for names, test, need in [
+    ("lr temperature jitter_alpha image_size crop_size crops batch_size epochs log_every knn_samples fake_size",
+     lambda v: v > 0, "positive"),
+    ("wd jitter warmup_epochs queue_size workers max_steps knn_every", lambda v: v >= 0, "at least 0"),
+    ("ema", lambda v: 0 <= v <= 1, "within [0, 1]")]]
 
 
 def check_args(args, world: int):
-    """Fail with a one-line fix on any flag, or combination, that cannot train."""
-    for name, test, need in RULES:
+    """Fail with a one-line fix on any flag, or combination of flags, that cannot train."""
+    for name, test, need in ((name, test, need) for names, test, need in RULES for name in names):
         if not test(getattr(args, name)):
             fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be {need}")
     g, local_batch = math.isqrt(args.crops), args.batch_size // world
     if g * g != args.crops:
         fail(f"--crops {args.crops} is not a perfect square; use 4 (2x2) or 9 (3x3)")
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} does not split evenly over {world} processes")
-    if local_batch < 2:   # BatchNorm needs two samples, and the k-NN needs someone to compare with
-        fail(f"per-process batch {local_batch} is below 2, which BatchNorm cannot train on; raise --batch-size")
+    if args.batch_size % world or local_batch < 2:   # BatchNorm cannot train on one sample
+        fail(f"--batch-size {args.batch_size} must split evenly over {world} process(es), 2 images or more each")
     if args.views == "mosaic":
         if local_batch < args.crops:
             fail(f"per-process batch {local_batch} is smaller than --crops {args.crops}: a mosaic needs crops of "
                  f"{args.crops} different images; raise --batch-size or lower --crops")
         if args.jitter >= args.crop_size:
-            fail(f"--jitter {args.jitter} must be smaller than --crop-size {args.crop_size}, or a crop can leave "
-                 f"the mosaic entirely")
+            fail(f"--jitter {args.jitter} must be smaller than --crop-size {args.crop_size}, or a crop can leave the mosaic")
         if g * args.crop_size != args.image_size:
             fail(f"a {g}x{g} mosaic of {args.crop_size} px crops is {g * args.crop_size} px but --image-size is "
                  f"{args.image_size}; set --crop-size {args.image_size // g}")
@@ -142,15 +131,14 @@ def check_args(args, world: int):
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as error:
-        fail(f"cannot use --out {args.out} as the output folder ({error.strerror or error}); choose another --out")
+        fail(f"cannot make the output folder --out {args.out} ({error.strerror or error}); choose another --out")
     if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pth")):
         fail(f"{os.path.join(args.out, 'checkpoint.pth')} exists; pass --resume to continue it, or choose another --out")
 
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step is rescaled per tensor by trust * |w| / |g + wd * w| (You et al., 2017;
-    BYOL's optimizer). Groups with lars=False (BN parameters and biases) get plain SGD without weight
-    decay, as in BYOL."""
+    BYOL's optimizer). Groups with lars=False (BN parameters, biases) get plain SGD without weight decay."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust, lars=True))
@@ -164,12 +152,11 @@ class LARS(torch.optim.Optimizer):
                     update = update.add(p, alpha=group["weight_decay"])
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
                     update = update * torch.where((w_norm > 0) & (u_norm > 0), group["trust"] * w_norm / u_norm, 1.0)
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["momentum"] = torch.clone(update)
+                if "momentum" not in self.state[p]:
+                    self.state[p]["momentum"] = torch.clone(update)
                 else:
-                    state["momentum"].mul_(group["momentum"]).add_(update)
-                p.add_(state["momentum"], alpha=-group["lr"])
+                    self.state[p]["momentum"].mul_(group["momentum"]).add_(update)
+                p.add_(self.state[p]["momentum"], alpha=-group["lr"])
 
 
 def build_optimizer(learner, args, lr: float):
@@ -178,12 +165,11 @@ def build_optimizer(learner, args, lr: float):
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
     return LARS([{"params": [p for p in params if p.ndim > 1]},
-                 {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}],
-                lr=lr, weight_decay=args.wd)
+                 {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}], lr, args.wd)
 
 
 def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
-    """(lr, ema) at a step: lr warms up linearly then follows a cosine to 0; the EMA momentum is constant
+    """(lr, ema) at a step: lr warms up linearly, then follows a cosine to 0; the EMA momentum is constant
     for MoCo and follows a cosine from args.ema to 1 for BYOL."""
     if step < warmup:
         lr = peak_lr * (step + 1) / warmup
@@ -194,10 +180,15 @@ def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
     return lr, 1 - (1 - args.ema) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-def check_resume(checkpoint: dict, args, steps_per_epoch: int):
-    """Refuse a resume whose flags would not repeat the interrupted run, naming them; print what a
-    deliberate change (longer --epochs, other --workers...) alters."""
-    saved = checkpoint["args"]
+def read_resume(args, steps_per_epoch: int) -> dict:
+    """The checkpoint to continue, refused (naming the flags) when this command would not repeat the
+    interrupted run; a note lists the deliberate changes (longer --epochs, other --workers...)."""
+    try:
+        checkpoint = models.read_checkpoint(os.path.join(args.out, "checkpoint.pth"))
+        saved = checkpoint["args"]
+    except (ValueError, TypeError, KeyError) as error:
+        fail(f"--resume: {error if isinstance(error, ValueError) else 'not a train.py checkpoint'}; drop --resume "
+             f"or point --out at the run's folder")
     changed = [key for key in vars(args) if saved.get(key, getattr(args, key)) != getattr(args, key)]
     flags = lambda keys, source: " ".join(f"--{k.replace('_', '-')} {source.get(k)}" for k in keys)
     fixed = [key for key in changed if key not in ADJUSTABLE_ON_RESUME]
@@ -208,13 +199,14 @@ def check_resume(checkpoint: dict, args, steps_per_epoch: int):
     if checkpoint["steps_per_epoch"] != steps_per_epoch:
         fail(f"--resume: the data now makes {steps_per_epoch} steps per epoch, the run made "
              f"{checkpoint['steps_per_epoch']}; point --data at the run's images")
-    if changed and models.rank() == 0:
-        print(f"note: resuming with {flags(changed, vars(args))} (was {flags(changed, saved)})")
+    if changed:
+        log(f"note: resuming with {flags(changed, vars(args))} (was {flags(changed, saved)})")
+    return checkpoint
 
 
 def resume(checkpoint: dict, args, learner, optimizer, scaler) -> int:
-    """Load the training state; trim log.jsonl to the checkpoint's step, so that a step the crashed run
-    logged after its last save is not logged twice. Returns the step to continue from."""
+    """Load the training state and trim log.jsonl to the checkpoint's step, so that the steps a crashed run
+    logged after its last save are not logged twice. Returns the step to continue from."""
     learner.load_state_dict(checkpoint["learner"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"] or not scaler.is_enabled():   # a bf16/off run saved no scaler state
@@ -222,49 +214,42 @@ def resume(checkpoint: dict, args, learner, optimizer, scaler) -> int:
     path = os.path.join(args.out, "log.jsonl")
     if models.rank() == 0 and os.path.exists(path):
         with open(path) as file:
-            records = [line for line in file if line.strip() and json.loads(line).get("step", 0) <= checkpoint["step"]
-                       and not json.loads(line).get("final")]
+            records = [json.loads(line) for line in file if line.strip()]
         with open(path, "w") as file:
-            file.writelines(records)
+            file.writelines(json.dumps(r) + "\n" for r in records if not r.get("final") and r["step"] <= checkpoint["step"])
     return checkpoint["step"]
 
 
 def knn_report(trunk, args, device, baseline: bool) -> dict:
-    """k-NN top-1 % (k = 20) on the val split for the trunk, and for a random-init trunk when baseline.
-    At most --knn-samples images per split (a fixed random subset) keep it to minutes. Every process
-    extracts a shard of the features."""
-    from eval_knn import KNN_TEMPERATURE, evaluate_knn, extract_features, shard_loader
+    """k-NN top-1 % (k = 20) on the val split of the trunk, and of a random-init trunk when baseline. At most
+    --knn-samples images per split (a fixed random subset) keep it to minutes."""
+    from eval_knn import KNN_TEMPERATURE, knn_eval
     if models.world_size() > 1:   # without SyncBN each rank's BN statistics saw only its own shard
         for buffer in trunk.buffers():
             dist.broadcast(buffer, src=0)
     transform = data.eval_transform(args.image_size)
     try:
-        splits = data.build_splits(args.dataset, args.data, args.val_data, transform, transform, args.image_size,
-                                   args.fake_size)[:2]
+        *splits, num_classes = data.build_splits(args.dataset, args.data, args.val_data, transform, transform,
+                                                 args.image_size, args.fake_size)
     except SystemExit as error:
-        print(f"k-NN skipped: {error}")
+        log(f"k-NN skipped: {error}")
         return {}
-    subset = lambda split: torch.utils.data.Subset(split, torch.randperm(len(split), generator=torch.Generator()
-                                                   .manual_seed(0))[:args.knn_samples].tolist())
-    loaders = [shard_loader(subset(split), 256, args.workers) for split in splits]
+    keep = lambda split: torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:args.knn_samples]
+    splits = [torch.utils.data.Subset(split, keep(split).tolist()) for split in splits]
     torch.manual_seed(args.seed)   # the same random-init baseline on every rank
-    nets = [("trained", trunk)] + [("random-init", models.Trunk(args.arch, args.stem).to(device))] * baseline
-    results = {}
-    for name, net in nets:
-        (train_x, train_y), (val_x, val_y) = [extract_features(net, loader, device, f"k-NN {name} {split}")
-                                              for loader, split in zip(loaders, ("train", "val"))]
-        results[name] = evaluate_knn(train_x, train_y, val_x, val_y, [20], KNN_TEMPERATURE, int(train_y.max()) + 1)[20]["top1"]
+    nets = {"trained": trunk, "random-init": models.Trunk(args.arch, args.stem).to(device)} if baseline else {"trained": trunk}
+    results = {name: knn_eval(net, *splits, [20], KNN_TEMPERATURE, num_classes, 256, args.workers, device,
+                              f"k-NN {name}")[20]["top1"] for name, net in nets.items()}
     trunk.train()
     return results
 
 
 @contextlib.contextmanager
 def stop_requests():
-    """Turn SIGTERM (cluster preemption) and Ctrl-C into a request the loop polls after each step, so it
+    """Turn SIGTERM (cluster preemption) and Ctrl-C into a request that the loop polls after each step, so it
     can save a checkpoint instead of dying mid-step. Yields the list the handler appends to."""
     received = []
-    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield received
     finally:
@@ -289,10 +274,10 @@ def build_learner(args, device, world: int):
                                             broadcast_buffers=False) if world > 1 else learner
 
 
-def train_step(batch, model, learner, optimizer, scaler, autocast, args, device, step: int, stop_signal: list):
-    """One optimisation step on a loader batch. Returns (losses, stop). Ends with the step's one host
-    sync, a small all-reduce: every rank learns whether any rank saw a non-finite loss or a stop signal,
-    so all of them stop at the same step instead of hanging in a collective."""
+def train_step(batch, model, optimizer, scaler, autocast, args, device, step: int, stop_signal: list):
+    """One optimisation step on a loader batch; returns (losses, stop). Ends with the step's one host sync, a
+    small all-reduce: every rank learns whether any rank saw a non-finite loss or a stop signal, so that
+    all of them stop at the same step instead of hanging in a collective."""
     (x1, x2, crops), _ = batch   # labels are never used in pre-training
     # Every random choice of the step (mosaic grouping, jitter, shuffle-BN order) is a function of
     # (seed, step, rank), so a resumed run repeats an uninterrupted one.
@@ -313,13 +298,13 @@ def train_step(batch, model, learner, optimizer, scaler, autocast, args, device,
     loss_value, stop = status.tolist()
     if not math.isfinite(loss_value):
         saved = os.path.join(args.out, "checkpoint.pth")
-        fail(f"non-finite loss {loss_value} at step {step}; " + (f"the last checkpoint ({saved}) is intact" if
-             os.path.exists(saved) else "no checkpoint was written yet") + ". Lower --lr, or use --amp bf16/off instead of fp16")
+        fail(f"non-finite loss {loss_value} at step {step}; " + (f"the last checkpoint ({saved}) is intact" if os.path.exists(
+            saved) else "no checkpoint was written yet") + ". Lower --lr, or use --amp bf16/off instead of fp16")
     return losses, bool(stop)
 
 
 def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_step: int, lr: float, ema: float, args):
-    """Append one record to log.jsonl and print it with throughput, data wait and ETA since the last one."""
+    """Append one record to log.jsonl and print it, with throughput, data wait and ETA since the last one."""
     elapsed = time.time() - meter["since"]
     record = {"epoch": epoch, "step": step, **{k: round(v.item(), 5) for k, v in losses.items()}, "lr": lr, "ema": ema,
               "images_per_s": round(meter["steps"] * args.batch_size / elapsed, 1),
@@ -335,7 +320,7 @@ def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_st
 
 
 def save(learner, optimizer, scaler, args, step: int, steps_per_epoch: int):
-    """Rank 0 writes checkpoint.pth and backbone.pth; a failed write (full disk) stops with one line."""
+    """Rank 0 writes checkpoint.pth and backbone.pth; a failed write (a full disk) stops with one line."""
     if models.rank() == 0:
         try:
             models.save_checkpoint(args.out, learner, vars(args), optimizer=optimizer.state_dict(),
@@ -364,8 +349,8 @@ def log(message: str):
 
 
 def main(argv=None) -> int:
-    """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path,
-    an error included, lets the loader workers end, closes the log and leaves the process group."""
+    """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an
+    error included, lets the loader workers end, closes the log and leaves the process group."""
     args = parse_args(argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     device = models.init_distributed()
@@ -379,23 +364,15 @@ def main(argv=None) -> int:
 
 def train(args, device, stop_signal: list) -> int:
     """Build, then loop (step, log, epoch end), then finish. Returns 0 when done, 1 when stopped by a signal."""
-    world = models.world_size()
-    amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    world, amp = models.world_size(), args.amp or ("bf16" if device.type == "cuda" else "off")
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
-    checkpoint = None
-    if args.resume:
-        try:
-            checkpoint = models.read_checkpoint(os.path.join(args.out, "checkpoint.pth"))
-        except ValueError as error:
-            fail(f"--resume: {error}; drop --resume or point --out at the run's folder")
     transform = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, args.crops * (args.views != "two"))
     dataset = data.build_dataset(args.dataset, args.data, True, transform, args.image_size, args.fake_size, unlabeled=True)
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} images make no full batch of {args.batch_size}; lower --batch-size")
-    if checkpoint:
-        check_resume(checkpoint, args, steps_per_epoch)
+    checkpoint = read_resume(args, steps_per_epoch) if args.resume else None
     learner, model = build_learner(args, device, world)
     peak_lr = args.lr * args.batch_size / 256   # the linear scaling rule, applied here and only here
     optimizer, scaler = build_optimizer(learner, args, peak_lr), torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -419,7 +396,7 @@ def train(args, device, stop_signal: list) -> int:
                 lr, ema = schedules(step, total_steps, round(args.warmup_epochs * steps_per_epoch), peak_lr, args)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                losses, stop = train_step(batch, model, learner, optimizer, scaler, autocast, args, device, step, stop_signal)
+                losses, stop = train_step(batch, model, optimizer, scaler, autocast, args, device, step, stop_signal)
                 learner.update_target(ema)
                 step, meter["steps"] = step + 1, meter["steps"] + 1
                 if log_file and (step % args.log_every == 0 or step == last_step):
