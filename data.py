@@ -8,55 +8,41 @@ import warnings
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 DATASETS = ("imagefolder", "cifar10", "cifar100", "stl10", "fake")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet statistics, used for every dataset
 DEMO_FOLDER = os.path.join("data", "cifar10-jpg")          # the demo's CIFAR-10 as an ImageFolder tree
 
-
 def add_data_args(parser, val_help: str = ""):
     """The data and loader flags that train.py and both evaluation scripts share."""
     parser.add_argument("--dataset", choices=DATASETS, default="imagefolder")
     parser.add_argument("--data", help="the training split: an ImageFolder (one folder per class), or the "
                                        "torchvision folder for cifar10/cifar100/stl10")
-    parser.add_argument("--val-data", help=f"the val split's ImageFolder {val_help}(default: a val/ or test/ folder "
-                                           f"beside --data)")
+    parser.add_argument("--val-data", help=f"the val split's ImageFolder {val_help}(default: val/ or test/ beside --data)")
     parser.add_argument("--image-size", type=int, default=224, help="global views and evaluation (px)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes per process")
     parser.add_argument("--fake-size", type=int, default=512, help="images in --dataset fake")
 
-
-def _to_normalised_tensor():
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
-
-
 def view_transform(framework: str, size: int, scale, blur_p: float, solarize_p: float) -> v2.Compose:
-    """One augmented view: PIL image -> [3, size, size] normalised float tensor.
-
-    Colour jitter (brightness, contrast, saturation, hue) is MoCo-v2's (0.4, 0.4, 0.4, 0.1) or BYOL's
-    (0.4, 0.4, 0.2, 0.1). Views under 64 px get no blur: 10 % of 32 px is a 3x3 box that only erases detail.
-    """
+    """One augmented view: PIL image -> [3, size, size] normalised float tensor. Colour jitter (brightness,
+    contrast, saturation, hue) is MoCo-v2's (0.4, 0.4, 0.4, 0.1) or BYOL's (0.4, 0.4, 0.2, 0.1). Views
+    under 64 px get no blur: 10 % of 32 px is a 3x3 box that only erases detail."""
     colour_jitter = (0.4, 0.4, 0.4, 0.1) if framework == "moco" else (0.4, 0.4, 0.2, 0.1)
     steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
              v2.RandomApply([v2.ColorJitter(*colour_jitter)], p=0.8), v2.RandomGrayscale(p=0.2)]
     if blur_p > 0 and size >= 64:
-        kernel = 2 * (size // 20) + 1                                       # ~10 % of the side, odd
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+        steps.append(v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=blur_p))  # ~10 % of the side
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-    return v2.Compose(steps + _to_normalised_tensor())
-
+    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 class MultiViewTransform:
-    """PIL image -> (global view x1 [3, S, S], global view x2 [3, S, S], small crops [M, 3, s, s]).
-
-    The global views follow the framework's recipe: MoCo-v2's are alike (scale (0.2, 1), blur 0.5);
-    BYOL's are asymmetric (scale (0.08, 1), blur 1.0 / 0.1, solarize 0 / 0.2). The M small crops are
-    RandomResizedCrop(s, scale=(0.1, 0.6)) with the framework's photometric augmentations. With
-    num_crops = 0 the crops tensor is empty [0, 3, s, s]: the two-view baseline pays for no crops.
-    """
+    """PIL image -> (global view x1 [3, S, S], global view x2 [3, S, S], small crops [M, 3, s, s]). MoCo-v2's
+    global views are alike (scale (0.2, 1), blur 0.5), BYOL's asymmetric (scale (0.08, 1), blur 1.0 / 0.1,
+    solarize 0 / 0.2). The crops are RandomResizedCrop(s, scale=(0.1, 0.6)) with the framework's colour
+    augmentations; with num_crops = 0 they are an empty [0, 3, s, s]: the two-view baseline pays for none."""
 
     def __init__(self, framework: str, image_size: int, crop_size: int, num_crops: int):
         if framework == "moco":
@@ -72,17 +58,13 @@ class MultiViewTransform:
         crops = torch.stack(crops) if crops else torch.empty(0, 3, self.crop_size, self.crop_size)
         return self.view1(image), self.view2(image), crops
 
-
 def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
-    """Evaluation view: resize + centre crop (above 64 px, resize to 8/7 of the size first), or, for
-    the augmented linear probe, RandomResizedCrop + flip."""
-    if augment:
-        steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
-    else:
-        resize = image_size if image_size <= 64 else round(image_size * 8 / 7)
-        steps = [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose(steps + _to_normalised_tensor())
-
+    """Evaluation view: resize + centre crop (above 64 px, resized to 8/7 of the size first), or, for the
+    augmented linear probe, RandomResizedCrop + flip."""
+    resize = image_size if image_size <= 64 else round(image_size * 8 / 7)
+    steps = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()] if augment
+             else [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
+    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 class SafeImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder that skips an unreadable image with a warning naming the file, instead of killing a
@@ -90,19 +72,18 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
             try:
-                return super().__getitem__((index + attempt) % len(self.samples))
+                return super().__getitem__(i)
             except (OSError, ValueError, SyntaxError) as error:   # what PIL raises on broken files
-                warnings.warn(f"skipping unreadable image {self.samples[(index + attempt) % len(self.samples)][0]}: {error}")
-        raise RuntimeError(f"no readable image among the {len(self.samples)} files under {self.root}")
-
+                warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {error}")
+        raise RuntimeError(f"no readable image among the {len(self.samples)} files")
 
 def build_dataset(name: str, root: str, train: bool, transform, image_size: int = 224, fake_size: int = 512,
                   unlabeled: bool = False):
-    """A torchvision dataset for one split: imagefolder (`root` is the split's folder of class folders),
-    cifar10 / cifar100 / stl10 (torchvision's, downloaded into `root` when missing and online;
-    unlabeled=True adds STL-10's 100k unlabeled images), or fake (random images).
-    Raises SystemExit with a one-line fix when the data is missing or unreadable."""
+    """One split: imagefolder (`root` holds one folder per class), cifar10 / cifar100 / stl10 (torchvision's,
+    downloaded into `root` when missing; unlabeled adds STL-10's 100k unlabeled images) or fake (random
+    images). SystemExit with a one-line fix when the data is missing or unreadable."""
     if name == "fake":
         return torchvision.datasets.FakeData(fake_size if train else max(fake_size // 4, 16), (3, image_size, image_size),
                                              10, transform, random_offset=0 if train else 10**6)
@@ -115,36 +96,28 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
             folder = SafeImageFolder(root, transform)
             folder[0]   # now, not at step 1: a folder of only corrupt files stops before any work
             return folder
-        except (FileNotFoundError, RuntimeError) as error:   # no class folders, no image, or none readable
-            raise SystemExit(f"error: no images found under {root} ({error}); --data must hold one folder "
-                             f"per class with readable .jpg/.png files inside") from None
+        except (FileNotFoundError, RuntimeError) as error:   # no class folders, no images, none readable
+            raise SystemExit(f"error: no images found under {root} ({error}); --data must hold one folder per "
+                             f"class with readable .jpg/.png files inside") from None
     try:
         if name == "stl10":
             split = ("train+unlabeled" if unlabeled else "train") if train else "test"
             return torchvision.datasets.STL10(root, split=split, transform=transform, download=True)
         kind = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         return kind(root, train=train, transform=transform, download=True)
-    except Exception as error:   # no internet, partial download, wrong folder
+    except Exception as error:   # no internet, a partial download, a wrong folder
         raise SystemExit(f"error: could not load {name} from {root} ({type(error).__name__}); without internet, put it "
                          f"there yourself, or an ImageFolder copy (e.g. {DEMO_FOLDER}/{{train,test}}/<class>/*.jpg) "
                          f"used with --dataset imagefolder") from None
 
-
-def val_folder(train_folder: str, val_data=None):
-    """The val split of an ImageFolder dataset: val_data, else a val/ or test/ folder beside the train split."""
-    parent = os.path.dirname(os.path.abspath(train_folder))
-    candidates = [os.path.join(parent, name) for name in ("val", "test")]
-    return val_data or next((path for path in candidates if os.path.isdir(path)), None)
-
-
-def build_splits(dataset: str, data: str, val_data, train_transform, val_transform, image_size: int,
-                 fake_size: int = 512):
-    """(train split, val split, num_classes) of a dataset; for imagefolder, `data` is the train split's
-    folder and `val_data` the val split's (default: val_folder). One-line SystemExit when a split is
-    missing or the two splits have different classes."""
+def build_splits(dataset: str, data: str, val_data, train_transform, val_transform, image_size: int, fake_size: int):
+    """(train split, val split, num_classes). For imagefolder, `data` is the train split's folder and the val
+    split is val_data, else a val/ or test/ folder beside it. One-line SystemExit when a split is missing or
+    the splits' classes differ."""
     val_root = data
     if dataset == "imagefolder":
-        val_root = val_folder(data or ".", val_data)
+        beside = [os.path.join(os.path.dirname(os.path.abspath(data or ".")), name) for name in ("val", "test")]
+        val_root = val_data or next((path for path in beside if os.path.isdir(path)), None)
         if val_root is None:
             raise SystemExit(f"error: no --val-data given and no val/ or test/ folder beside {data}")
     train_set = build_dataset(dataset, data, True, train_transform, image_size, fake_size)
@@ -157,36 +130,30 @@ def build_splits(dataset: str, data: str, val_data, train_transform, val_transfo
                          f"(or other names): both need the same class folders")
     return train_set, val_set, len(classes)
 
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (shuffled by seed + epoch, sharded over processes, drop_last) in whole batches,
+    yielding epoch * N + index instead of index, so that SeededViews can seed each sample's views from (seed,
+    epoch, index): a resumed run sees the views an uninterrupted one would, whatever the number of workers.
+    set_epoch(epoch, skip_batches) selects an epoch and resumes inside it."""
 
-class EpochSampler(Sampler):
-    """Training order for one process: shuffled by (seed, epoch), sharded over processes, whole batches
-    only. It yields epoch * N + index rather than index, so that SeededViews gives each sample views
-    that depend only on (seed, epoch, index): a resumed run sees the very views an uninterrupted one
-    would, whatever the number of workers."""
-
-    def __init__(self, dataset_size: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        self.size, self.batch_size, self.seed = dataset_size, batch_size, seed
-        self.num_replicas, self.rank = num_replicas, rank
-        self.batches_per_epoch = dataset_size // (batch_size * num_replicas)
-        self.epoch, self.skip_batches = 0, 0
+    def __init__(self, dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size, self.batches_per_epoch, self.skip_batches = batch_size, self.num_samples // batch_size, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0):
-        """Select the epoch's order; skip_batches > 0 resumes in the middle of it."""
-        self.epoch, self.skip_batches = epoch, skip_batches
+        super().set_epoch(epoch)
+        self.skip_batches = skip_batches
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        used = self.batches_per_epoch * self.batch_size * self.num_replicas
-        mine = order[self.rank:used:self.num_replicas][self.skip_batches * self.batch_size:]
-        return iter((mine + self.epoch * self.size).tolist())
+        keys = [self.epoch * len(self.dataset) + index for index in super().__iter__()]
+        return iter(keys[self.skip_batches * self.batch_size:self.batches_per_epoch * self.batch_size])
 
     def __len__(self):
         return (self.batches_per_epoch - self.skip_batches) * self.batch_size
 
-
 class SeededViews(Dataset):
-    """Wraps a dataset whose keys come from EpochSampler: seeds torch's RNG from (seed, epoch, index)
-    before the transform runs, so the augmentations are reproducible per sample."""
+    """Wraps a dataset for keys from EpochSampler: seeds torch's RNG from (seed, epoch, index) before the
+    transform runs, so that each sample's augmentations are reproducible."""
 
     def __init__(self, dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -199,28 +166,24 @@ class SeededViews(Dataset):
         torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index)
         return self.dataset[index]
 
-
 def _worker_init(exiting, worker_id: int):
-    # While the trainer runs, workers ignore SIGINT and SIGTERM: torchrun and schedulers signal the
-    # whole process group, and a worker that died mid-step would crash the trainer before it saved.
-    # Once the trainer is exiting, SIGTERM (what Python sends its workers at exit) ends them, so an
-    # exit never waits forever on a worker.
+    # While the trainer runs, workers ignore SIGINT and SIGTERM: torchrun and schedulers signal the whole
+    # process group, and a worker that died mid-step would crash the trainer before it saved. Once the
+    # trainer exits, SIGTERM (what Python sends its workers at exit) ends them: no exit waits on a worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0) if exiting.is_set() else None)
 
-
 @contextlib.contextmanager
 def train_loader(dataset, batch_size: int, workers: int, seed: int):
-    """Yields this process's training loader: equal, full batches with reproducible views. Call
-    loader.sampler.set_epoch(epoch) before each epoch. Leaving the block, however it is left, lets
-    the workers end."""
+    """Yields this process's training loader: full batches of reproducible views; call
+    loader.sampler.set_epoch(epoch) before each epoch. Leaving the block, however, lets the workers end."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
     exiting = multiprocessing.Event()
     try:
-        yield DataLoader(SeededViews(dataset, seed), batch_size=batch_size, num_workers=workers,
-                         sampler=EpochSampler(len(dataset), batch_size, seed, world, rank), drop_last=True,
-                         pin_memory=torch.cuda.is_available(), worker_init_fn=functools.partial(_worker_init, exiting),
+        yield DataLoader(SeededViews(dataset, seed), batch_size, sampler=EpochSampler(dataset, batch_size, seed, world, rank),
+                         num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+                         worker_init_fn=functools.partial(_worker_init, exiting),
                          persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     finally:
         exiting.set()

@@ -25,7 +25,6 @@ from data import build_splits, eval_transform
 from eval_knn import accuracy, add_common_args, build_trunk, extract_features, shard_loader
 from models import init_distributed, rank, world_size
 
-
 def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
     """labels [N] -> sorted LongTensor of kept indices: round(fraction * n_c) (half up) random images of
     every class c, drawn from seed. ValueError when fraction is not in (0, 1] or a class keeps none."""
@@ -43,7 +42,6 @@ def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
         kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
     return torch.cat(kept).sort().values
 
-
 class ProbeHeads(nn.Module):
     """One non-affine BatchNorm1d shared by num_heads linear layers: features [B, C] -> logits [H, B, K].
     The BN has no parameters, so sharing it leaves the heads independent."""
@@ -57,26 +55,21 @@ class ProbeHeads(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        normalised = self.norm(features)
+        normalised = self.norm(features)   # once: BN statistics are updated once per batch
         return torch.stack([linear(normalised) for linear in self.linears])
 
-
 def frozen_features(trunk, loader, device):
-    """Yield (pooled features [B, C] fp32, labels [B]) on device per batch of loader, through the trunk
-    in eval mode without gradients (the augmented mode's batches)."""
+    """Yield (pooled features [B, C] fp32, labels [B]) on device per loader batch, through the frozen trunk."""
     trunk.eval()
     for images, labels in loader:
         with torch.no_grad():   # not around the yield: the caller's head training needs gradients
             features = trunk.pooled(images.to(device, non_blocking=True)).float()
         yield features, labels.to(device)
 
-
 def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator):
     """Yield shuffled minibatches (features [b, C], labels [b]) of cached features [N, C], labels [N]."""
-    order = torch.randperm(len(labels), generator=generator).to(features.device)
-    for index in order.split(batch_size):
+    for index in torch.randperm(len(labels), generator=generator).to(features.device).split(batch_size):
         yield features[index], labels[index]
-
 
 def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, num_features: int, num_classes: int,
                 lrs, epochs: int, wd: float = 0.0, ddp: bool = False, log=print) -> list:
@@ -89,8 +82,7 @@ def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, nu
     model = nn.parallel.DistributedDataParallel(heads, device_ids=[device] if device.type == "cuda" else None) if ddp else heads
     optimizer = torch.optim.SGD([{"params": linear.parameters(), "lr": lr} for linear, lr in zip(heads.linears, lrs)],
                                 lr=lrs[0], momentum=0.9, weight_decay=wd)
-    total = max(epochs * steps_per_epoch, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs * steps_per_epoch, 1))
     results = [{"lr": lr, "best_epoch": 0, "best_top1": -1.0, "best_top5": 0.0} for lr in lrs]
     for epoch in range(1, epochs + 1):
         model.train()
@@ -118,33 +110,26 @@ def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, nu
                 + " ".join(f"{r['lr']:g}:{r['last_top1']:.1f}" for r in results))
     return results
 
-
 def probe_batches(args, trunk, train_set, device):
-    """(make_batches(epoch), steps per epoch) of the training split: cached features, extracted once
-    (every process holds all of them), or with --augment fresh views through the trunk each epoch."""
+    """(make_batches(epoch), steps per epoch): features extracted once and shuffled each epoch (every process
+    holds them all), or with --augment fresh views through the frozen trunk, each process its own shard."""
     if not args.augment:
         features, labels = extract_features(trunk, shard_loader(train_set, args.batch_size, args.workers), device, "train")
         generator = torch.Generator().manual_seed(args.seed)
         return (lambda epoch: cached_batches(features, labels, args.batch_size, generator)), math.ceil(len(labels) / args.batch_size)
-    distributed = world_size() > 1
-    sampler = (DistributedSampler(train_set, seed=args.seed) if distributed
+    sampler = (DistributedSampler(train_set, seed=args.seed) if world_size() > 1
                else RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed)))
     loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    set_epoch = getattr(sampler, "set_epoch", lambda epoch: None)
+    return (lambda epoch: set_epoch(epoch) or frozen_features(trunk, loader, device)), len(loader)
 
-    def make_batches(epoch):
-        if distributed:
-            sampler.set_epoch(epoch)
-        return frozen_features(trunk, loader, device)
-    return make_batches, len(loader)
-
-
-def report(args, results, epochs, num_train, num_val, num_classes, seconds):
-    """Print the per-lr table (rank 0) and write it to --out as JSON."""
+def report(args, results, epochs: int, num_train: int, num_val: int, num_classes: int, seconds: float):
+    """Print the per-lr table and write it to --out as JSON."""
     best = max(results, key=lambda r: r["best_top1"])
     print(f"linear probe, {num_train} train / {num_val} val images, {num_classes} classes, "
-          f"{'augmented' if args.augment else 'cached'} mode, {epochs} epochs, {seconds:.0f}s")
-    print(f"{'lr':>8} {'best ep':>7} {'best top-1':>10} {'best top-5':>10} {'last top-1':>10} {'last top-5':>10}")
+          f"{'augmented' if args.augment else 'cached'} mode, {epochs} epochs, {seconds:.0f}s\n"
+          f"{'lr':>8} {'best ep':>7} {'best top-1':>10} {'best top-5':>10} {'last top-1':>10} {'last top-5':>10}")
     for r in results:
         print(f"{r['lr']:>8g} {r['best_epoch']:>7} {r['best_top1']:10.2f} {r['best_top5']:10.2f} "
               f"{r['last_top1']:10.2f} {r['last_top5']:10.2f}{'  <- best' if r is best else ''}")
@@ -152,7 +137,6 @@ def report(args, results, epochs, num_train, num_val, num_classes, seconds):
         with open(args.out, "w") as file:
             json.dump({"args": vars(args), "epochs": epochs, "num_train": num_train, "num_val": num_val,
                        "num_classes": num_classes, "heads": results, "best": best}, file, indent=2)
-
 
 def main():
     parser = add_common_args(argparse.ArgumentParser(description="linear probe of a frozen trunk"))
@@ -191,7 +175,6 @@ def main():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

@@ -15,11 +15,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
-def _weighted_mean(per_query: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    return per_query.mean() if weights is None else (weights.float() * per_query).mean()
-
-
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
              weights: Optional[torch.Tensor] = None, queue: Optional[torch.Tensor] = None,
              temperature: float = 0.2) -> torch.Tensor:
@@ -35,8 +30,7 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
         if queue is not None:
             logits = torch.cat([logits, q @ F.normalize(queue.detach().float(), dim=1).T], dim=1)  # [N, K+Q]
         per_query = F.cross_entropy(logits / temperature, positives, reduction="none")           # [N]
-        return _weighted_mean(per_query, weights)
-
+        return (per_query if weights is None else weights.float() * per_query).mean()
 
 def byol_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
               weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -44,4 +38,5 @@ def byol_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor
     with torch.autocast(queries.device.type, enabled=False):
         q = F.normalize(queries.float(), dim=1)                                 # [N, D]
         k = F.normalize(keys.detach().float(), dim=1)[positives]                # [N, D]
-        return _weighted_mean(2 - 2 * (q * k).sum(dim=1), weights)
+        per_query = 2 - 2 * (q * k).sum(dim=1)                                 # [N]
+        return (per_query if weights is None else weights.float() * per_query).mean()

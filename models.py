@@ -23,14 +23,12 @@ from mosaic import Mosaic
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "cifar")
 
-
 class Trunk(nn.Module):
     """A torchvision ResNet without pooling and fc: images [N, 3, H, W] -> C5 map [N, C, H/stride, W/stride].
 
-    Its state_dict keys are torchvision's, so `torchvision.models.<arch>()` loads it with only fc.*
-    missing (for the cifar stem, swap conv1 and maxpool the same way first). The cifar stem (3x3
-    stride-1 conv, no max-pool) is the usual one for 32 px images: C5 keeps 4x4 cells for a 32 px
-    view (stride 8) instead of 1x1, so roi_align has something to align to.
+    Its state_dict keys are torchvision's: `torchvision.models.<arch>()` loads it with only fc.* missing (with
+    the cifar stem, swap conv1 and maxpool the same way first). The cifar stem (3x3 stride-1 conv, no max-pool)
+    leaves a 32 px view a 4x4 C5 map (stride 8) instead of 1x1, so that roi_align has cells to align to.
     """
 
     def __init__(self, arch: str = "resnet50", stem: str = "imagenet"):
@@ -51,7 +49,7 @@ class Trunk(nn.Module):
             self.stride *= layer[0].stride   # torchvision blocks keep their stride
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Inputs follow the weights' memory layout (channels_last on GPU), else cuDNN converts at every layer.
+        # Inputs follow the weights' layout (channels_last on a GPU), else cuDNN converts at every layer.
         if self.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
@@ -60,7 +58,6 @@ class Trunk(nn.Module):
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, 3, H, W] -> globally average-pooled features [N, C] (what evaluation uses)."""
         return self(images).mean(dim=(2, 3))
-
 
 def save_checkpoint(folder: str, learner: "_Learner", args: dict, **training_state):
     """Write folder/checkpoint.pth ({learner, backbone, args} and training_state) and folder/backbone.pth
@@ -77,7 +74,6 @@ def save_checkpoint(folder: str, learner: "_Learner", args: dict, **training_sta
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
 
-
 def read_checkpoint(path: str):
     """torch.load(path) onto the CPU, tensors only; ValueError with a one-line reason when it can't."""
     try:
@@ -86,7 +82,6 @@ def read_checkpoint(path: str):
         raise ValueError(f"{path} does not exist") from None
     except Exception as error:
         raise ValueError(f"{path} is not a readable torch file ({type(error).__name__})") from None
-
 
 def load_trunk(weights: str, arch: str, stem: str) -> Trunk:
     """A Trunk with weights from a backbone.pth (torchvision keys), a train.py checkpoint.pth, or
@@ -113,21 +108,16 @@ def load_trunk(weights: str, arch: str, stem: str) -> Trunk:
     trunk.load_state_dict(state, strict=False)
     return trunk
 
-
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn.Sequential:
     """Linear -> [BN] -> ReLU -> Linear: [N, in_dim] -> [N, out_dim]."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=not batch_norm),
                          nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity(),
                          nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
-
 class Head(nn.Module):
-    """conv1x1 + BN + ReLU on a feature map -> global average pool -> MLP: [N, C, h, w] -> [N, out_dim].
-
-    The same head takes a global view's C5 map and a mosaic crop's roi_align map, so crops and whole
-    images land in one embedding space. The conv before pooling gives the RoI features a learned
-    spatial transform of their own (the released code's design).
-    """
+    """conv1x1 + BN + ReLU -> global average pool -> MLP: feature map [N, C, h, w] -> [N, out_dim]. The same head
+    takes a global view's C5 map and a crop's roi_align map, so that crops and whole images land in one
+    embedding space; the conv gives the RoI features a learned spatial transform (the released code's design)."""
 
     def __init__(self, channels: int, hidden_dim: int, out_dim: int, mlp_batch_norm: bool):
         super().__init__()
@@ -137,7 +127,6 @@ class Head(nn.Module):
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.conv(feature_map).mean(dim=(2, 3)))
-
 
 class Encoder(nn.Module):
     """Trunk + Head. Calling it embeds whole images; embed_local embeds the local views."""
@@ -152,12 +141,10 @@ class Encoder(nn.Module):
         return self.head(self.trunk(images))
 
     def embed_local(self, local):
-        """Local views -> (embeddings [B*M, D], source image [B*M], loss weights [B*M] or None).
-
-        Mosaic: one trunk pass over the B mosaics, then roi_align cuts each crop's features out of the
-        C5 map at its box, so every crop is encoded with other images' crops around it.
-        Tensor [B, M, C, s, s]: the multi-crop baseline, each crop a separate small image.
-        """
+        """Local views -> (embeddings [B*M, D], source image [B*M], loss weights [B*M] or None). A Mosaic: one
+        trunk pass over the B mosaics, then roi_align cuts each crop's features out of the C5 map at its box,
+        so that every crop is encoded among other images' crops. Crops [B, M, C, s, s]: the multi-crop
+        baseline, each crop encoded as a separate small image."""
         if isinstance(local, Mosaic):
             feature_map = self.trunk(local.images)                                   # [B, C, h, w]
             # fp32 rois and map whatever the autocast dtype (see the contract in mosaic.py).
@@ -167,7 +154,6 @@ class Encoder(nn.Module):
         B, M = local.shape[:2]
         embeddings = self(local.flatten(0, 1))                                       # [B*M, D], row b*M+j
         return embeddings, torch.arange(B, device=local.device).repeat_interleave(M), None
-
 
 def init_distributed() -> torch.device:
     """Join torchrun's process group when it set RANK (nccl on CUDA, gloo on CPU), else stay a world
@@ -180,14 +166,11 @@ def init_distributed() -> torch.device:
         dist.init_process_group("nccl" if cuda else "gloo")
     return device
 
-
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
 
 @torch.no_grad()
 def gather_all(tensor: torch.Tensor) -> torch.Tensor:
@@ -198,7 +181,6 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor)
     return torch.cat(parts)
-
 
 class _Learner(nn.Module):
     """What both learners share: an online encoder, its EMA copy (the target), the exported backbone."""
@@ -213,29 +195,23 @@ class _Learner(nn.Module):
 
     @torch.no_grad()
     def update_target(self, ema: float):
-        """EMA step on parameters: target <- ema * target + (1 - ema) * online (MoCo's m, BYOL's tau).
-
-        BN running statistics are not averaged: the target always runs in train mode (batch stats).
-        """
+        """target <- ema * target + (1 - ema) * online, on parameters (MoCo's m, BYOL's tau). BN running
+        statistics are not averaged: the target always runs in train mode, on batch statistics."""
         torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), 1.0 - ema)
 
     @staticmethod
     def _report(loss_global, loss_local, keys):
-        """The loss to minimise and detached figures to log. target_std is the per-dimension std of the
-        L2-normalised target embeddings times sqrt(D): about 1 when they spread over the sphere,
-        0 when they collapse to one point (the failure a method without negatives must avoid)."""
+        """The loss to minimise, and detached figures to log. target_std, the per-dimension std of the L2-normalised
+        target embeddings times sqrt(D), is about 1 when they spread over the sphere and 0 when they collapse
+        to one point (the failure that a method without negatives must avoid)."""
         keys = F.normalize(keys.detach().float(), dim=1)
         return {"loss": loss_global + loss_local, "loss_global": loss_global.detach(),
                 "loss_local": loss_local.detach(), "target_std": keys.std(dim=0).mean() * keys.shape[1] ** 0.5}
 
-
 class MoCo(_Learner):
-    """MoCo-v2 with MosRep's local views (the released code's framework).
-
-    The query encoder embeds x1 and the local views; the EMA key encoder embeds x2. Every query
-    (global or crop) is contrasted with the keys of the whole global batch plus the queue, its own
-    image's key being the positive.
-    """
+    """MoCo-v2 with MosRep's local views (the released code's framework). The query encoder embeds x1 and the
+    local views, the EMA key encoder x2. Every query (global view or crop) is contrasted with the keys of the
+    whole global batch and the queue; its own image's key is the positive."""
 
     def __init__(self, arch="resnet50", stem="imagenet", dim=128, queue_size=65536, temperature=0.2,
                  roi_size=7, min_shuffle_chunk=16):
@@ -298,14 +274,10 @@ class MoCo(_Learner):
         self.enqueue(keys)
         return self._report(loss_global, loss_local, keys)
 
-
 class BYOL(_Learner):
-    """BYOL with MosRep's local views.
-
-    Online = trunk -> projector head -> predictor; target = EMA of trunk + head (no predictor). Each
-    global view predicts the other's target embedding; each crop predicts both target embeddings of
-    its source image.
-    """
+    """BYOL with MosRep's local views. Online = trunk -> projector head -> predictor; target = EMA of trunk +
+    head (no predictor). Each global view predicts the other's target embedding; each crop predicts both
+    target embeddings of its source image."""
 
     def __init__(self, arch="resnet50", stem="imagenet", dim=256, hidden_dim=4096, roi_size=7):
         super().__init__()

@@ -15,15 +15,13 @@ torch. What a caller must know (the contracts):
   global batch gathered in rank order, add rank * B.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
-
 
 def default_jitter(mosaic_size: int) -> int:
     """The paper's max shift, 48 px for a 224 px mosaic, scaled to mosaic_size px (any M)."""
     return round(48 * mosaic_size / 224)
-
 
 class Mosaic(NamedTuple):
     """A batch of mosaic views and where each crop sits in them.
@@ -38,29 +36,23 @@ class Mosaic(NamedTuple):
     sources: torch.Tensor
     weights: torch.Tensor
 
+def group_crops(batch_size: int, num_crops: int, device=None) -> torch.Tensor:
+    """Decide which image's crop fills each slot of each mosaic: sources [B, M] (long), sources[b, j] being the
+    image whose j-th small crop fills slot j of mosaic b. Every column is a permutation of range(B), so each
+    crop is used exactly once; every row holds M different images, so no mosaic shows an image twice.
 
-def group_crops(batch_size: int, num_crops: int, generator: Optional[torch.Generator] = None,
-                device=None) -> torch.Tensor:
-    """Decide which image's crop fills each slot of each mosaic.
-
-    Returns sources [B, M] (long): sources[b, j] is the image whose j-th small crop fills slot j of
-    mosaic b. Every column is a permutation of range(B), so each crop is used exactly once, and
-    every row holds M different images, so no mosaic shows an image twice.
-    Construction: column j is one random ordering `perm` rotated by an offset o_j, with M distinct
-    offsets; distinct offsets make a row's entries distinct, and a rotated permutation is a
-    permutation. A final row shuffle hides the structure. Exact: no rejection loop.
+    Construction: column j is one random ordering `perm` rotated by an offset o_j, with M distinct offsets.
+    Distinct offsets make a row's entries distinct, and a rotated permutation is a permutation; a final row
+    shuffle hides the structure. Exact, with no rejection loop.
     """
     if batch_size < num_crops:
         raise ValueError(f"a mosaic needs crops of {num_crops} different images but the batch holds "
                          f"only {batch_size}; use a per-process batch of at least {num_crops} images "
                          f"(batch_size={batch_size}, num_crops={num_crops})")
-    gen_device = generator.device if generator is not None else torch.device(device or "cpu")
-    perm = torch.randperm(batch_size, generator=generator, device=gen_device)                 # [B]
-    offsets = torch.randperm(batch_size, generator=generator, device=gen_device)[:num_crops]  # [M]
-    rows = torch.randperm(batch_size, generator=generator, device=gen_device)                 # [B]
-    slots = (rows[:, None] + offsets[None, :]) % batch_size                                   # [B, M]
-    return perm[slots].to(device if device is not None else gen_device)
-
+    perm = torch.randperm(batch_size, device=device)                                   # [B]
+    offsets = torch.randperm(batch_size, device=device)[:num_crops]                    # [M]
+    rows = torch.randperm(batch_size, device=device)                                   # [B]
+    return perm[(rows[:, None] + offsets[None, :]) % batch_size]                       # [B, M]
 
 def compose(crops: torch.Tensor, sources: torch.Tensor):
     """Tile crops [B, M, C, s, s] (M = g*g) into g x g mosaics as sources [B, M] says.
@@ -82,35 +74,7 @@ def compose(crops: torch.Tensor, sources: torch.Tensor):
     boxes = torch.stack([x1, y1, x1 + s, y1 + s], dim=1)                    # [M, 4]
     return mosaics, boxes.unsqueeze(0).expand(B, M, 4).contiguous()
 
-
-def sample_beta(alpha: float, n: int, generator: Optional[torch.Generator] = None, device=None):
-    """n draws [n] of Beta(alpha, alpha) that honour `generator` (torch.distributions cannot).
-
-    Beta(a, a) = X / (X + Y) with X, Y ~ Gamma(a): Marsaglia-Tsang on shape a + 1 (acceptance > 95 %),
-    16 proposals per draw at once, then the boost U^(1/a). Fixed shapes, so a GPU never waits for the host.
-    """
-    if alpha <= 0:
-        raise ValueError(f"jitter alpha must be positive, got {alpha}")
-    gen_device = generator.device if generator is not None else torch.device(device or "cpu")
-    d = alpha + 1.0 - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-
-    def log_gamma():
-        z = torch.randn(n, 16, generator=generator, device=gen_device)
-        u = torch.rand(n, 16, generator=generator, device=gen_device)
-        v = (1 + c * z).clamp_min(1e-6) ** 3
-        accepted = (1 + c * z > 0) & (torch.log(u) < 0.5 * z ** 2 + d - d * v + d * torch.log(v))
-        first = accepted.float().argmax(dim=1, keepdim=True)   # all 16 rejected: p < 0.05^16
-        gamma = (d * v).gather(1, first).squeeze(1)
-        # In log space: for small alpha U^(1/alpha) underflows to 0 and X / (X + Y) would be 0/0.
-        boost = torch.rand(n, generator=generator, device=gen_device).clamp_min(1e-38).log() / alpha
-        return gamma.log() + boost
-
-    return torch.sigmoid(log_gamma() - log_gamma()).to(device or gen_device)   # X / (X + Y)
-
-
-def jitter(mosaics: torch.Tensor, boxes: torch.Tensor, max_shift: float, alpha: float = 0.5,
-           generator: Optional[torch.Generator] = None):
+def jitter(mosaics: torch.Tensor, boxes: torch.Tensor, max_shift: float, alpha: float = 0.5):
     """Translate every mosaic by its own random integer offset; uncovered pixels become 0.
 
     mosaics [B, C, H, W], boxes [B, M, 4]. Offsets dx, dy = round(max_shift * (2u - 1)), u ~ Beta(alpha,
@@ -121,8 +85,12 @@ def jitter(mosaics: torch.Tensor, boxes: torch.Tensor, max_shift: float, alpha: 
     B, C, H, W = mosaics.shape
     if max_shift <= 0:
         return mosaics, boxes, torch.ones(boxes.shape[:2], device=boxes.device)
+    if alpha <= 0:
+        raise ValueError(f"jitter alpha must be positive, got {alpha}")
     device = mosaics.device
-    u = sample_beta(alpha, 2 * B, generator, device).view(2, B)
+    # Sampled on the device and not validated: a host-side check would wait for the GPU at every step.
+    concentration = torch.full((2, B), float(alpha), device=device)
+    u = torch.distributions.Beta(concentration, concentration, validate_args=False).sample()   # [2, B]
     dx, dy = torch.round(max_shift * (2 * u - 1)).long()                    # [B] each
     # Output pixel (y, x) reads input pixel (y - dy, x - dx); reads from outside the canvas give 0.
     src_y = torch.arange(H, device=device)[None, :] - dy[:, None]           # [B, H]
@@ -138,18 +106,15 @@ def jitter(mosaics: torch.Tensor, boxes: torch.Tensor, max_shift: float, alpha: 
     clipped = torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)     # [B, M, 4]
     return moved, clipped, _area(clipped) / _area(boxes)
 
-
 def _area(boxes):
     return (boxes[..., 2] - boxes[..., 0]).clamp_min(0) * (boxes[..., 3] - boxes[..., 1]).clamp_min(0)
 
-
-def make_mosaic(crops: torch.Tensor, max_shift: float, alpha: float = 0.5,
-                generator: Optional[torch.Generator] = None) -> Mosaic:
+def make_mosaic(crops: torch.Tensor, max_shift: float, alpha: float = 0.5) -> Mosaic:
     """Small crops [B, M, C, s, s] -> Mosaic: group, compose, jitter, weight (see the module docstring)."""
     B, M = crops.shape[:2]
-    sources = group_crops(B, M, generator, device=crops.device)             # [B, M]
+    sources = group_crops(B, M, crops.device)                               # [B, M]
     mosaics, boxes = compose(crops, sources)                                # [B, C, H, W], [B, M, 4]
-    mosaics, boxes, visible = jitter(mosaics, boxes, max_shift, alpha, generator)
+    mosaics, boxes, visible = jitter(mosaics, boxes, max_shift, alpha)
     batch_index = torch.arange(B, device=crops.device, dtype=boxes.dtype).repeat_interleave(M)
     rois = torch.cat([batch_index[:, None], boxes.reshape(B * M, 4)], dim=1)  # [B*M, 5]
     # As in the released code, a crop's loss counts sqrt of its visible share: a crop pushed half

@@ -1,12 +1,8 @@
-"""MosRep pre-training. One script, one code path, from a laptop CPU to many GPUs:
-
-    python train.py --demo                                                      # CPU demo on CIFAR-10
-    torchrun --nproc_per_node=8 train.py --framework byol --data imagenet/train # DDP
-
-Each step: two global views and M small crops per image come from the loader; the mosaic is built on the
-device; the learner (models.MoCo or models.BYOL) returns its losses; one optimizer step; one EMA step of the
-target. Rank 0 writes checkpoint.pth, backbone.pth and log.jsonl to --out. The defaults are the paper's
-ImageNet recipe of the chosen framework.
+"""MosRep pre-training, one code path from a laptop CPU to many GPUs (`python train.py --demo`; `torchrun
+--nproc_per_node=8 train.py --framework byol --data imagenet/train`). Each step: the loader brings two global
+views and M small crops per image; the mosaic is built on the device; the learner (models.MoCo or models.BYOL)
+returns its losses; one optimizer step, one EMA step of the target. Rank 0 writes checkpoint.pth, backbone.pth
+and log.jsonl to --out. The defaults are the paper's ImageNet recipe of the chosen framework.
 """
 import argparse
 import contextlib
@@ -28,9 +24,8 @@ from mosaic import default_jitter, make_mosaic
 # Per-framework defaults; None in argparse means "take it from here".
 RECIPES = {"moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=0.999, epochs=200, dim=128),
            "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99, epochs=300, dim=256)}
-# The CPU demo on CIFAR-10 (README). Images are upsampled to 64 px so that the ImageNet stem (16x cheaper
-# than the cifar stem's 32 px) still leaves a 2x2 C5 map to align RoIs on. Each framework gets a recipe
-# that learns within the demo's minutes: the ImageNet ones would learn next to nothing in 0.5 epoch.
+# The CPU demo on CIFAR-10 (README): 64 px views leave the ImageNet stem a 2x2 C5 map to align RoIs on, at a
+# quarter of the cifar stem's cost; each framework's recipe learns within minutes, as the ImageNet ones can't.
 DEMO = dict(framework="moco", arch="resnet18", stem="imagenet", image_size=64, crop_size=32, batch_size=128,
             epochs=1, workers=2, knn_final=True, log_every=10, out="runs/demo")
 DEMO_RECIPES = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch negatives only
@@ -39,12 +34,10 @@ DEMO_RECIPES = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch 
 ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "workers", "amp", "data", "val_data", "log_every", "knn_every",
                         "knn_final", "knn_samples", "resume", "demo")
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--framework", choices=["moco", "byol"], default="byol")
-    p.add_argument("--views", choices=["mosaic", "multicrop", "two"], default="mosaic",
-                   help="mosaic = MosRep; multicrop = the same small crops encoded separately; two = plain")
+    p.add_argument("--views", choices=["mosaic", "multicrop", "two"], default="mosaic", help="the local views (README)")
     data.add_data_args(p, val_help="for the k-NN monitor ")
     p.add_argument("--arch", choices=models.ARCHS, default="resnet50")
     p.add_argument("--stem", choices=models.STEMS, default="imagenet")
@@ -58,8 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--wd", type=float, help="weight decay (default: moco 1e-4, byol 1.5e-6)")
     p.add_argument("--optimizer", choices=["sgd", "lars"], help="default: moco sgd, byol lars")
     p.add_argument("--warmup-epochs", type=float, help="linear lr warm-up (default: moco 0, byol 10)")
-    p.add_argument("--ema", type=float, help="target EMA momentum (default: moco 0.999 constant, byol 0.99 "
-                                             "cosine to 1; 0.996 for runs over 300 epochs)")
+    p.add_argument("--ema", type=float, help="target EMA momentum (default: moco 0.999; byol 0.99 cosine to 1, 0.996 over 300 epochs)")
     p.add_argument("--temperature", type=float, default=0.2, help="moco")
     p.add_argument("--queue-size", type=int, default=65536, help="moco negatives (0 = in-batch only)")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on CUDA, off on CPU")
@@ -71,8 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--knn-every", type=int, default=0, help="k-NN monitor every N epochs (0 = off)")
     p.add_argument("--knn-final", action="store_true", help="at the end, k-NN of the backbone next to a random-init one")
     p.add_argument("--knn-samples", type=int, default=10000, help="images per split for the k-NN monitor")
-    p.add_argument("--demo", action="store_true", help=f"CPU demo on CIFAR-10 (from {data.DEMO_FOLDER} if there, "
-                   f"else downloaded): {DEMO}, per framework {DEMO_RECIPES}; flags given explicitly win")
+    p.add_argument("--demo", action="store_true", help=f"CPU demo on CIFAR-10: {DEMO} and {DEMO_RECIPES}")
     args = p.parse_args(argv)
     if args.demo:   # flags given explicitly still win over the demo's values
         p.set_defaults(**DEMO)
@@ -91,11 +82,9 @@ def parse_args(argv=None):
         args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     return args
 
-
 def fail(message: str):
     """Stop with a one-line error (exit code 1): bad input is the user's to fix, not a traceback."""
     raise SystemExit(f"error: {message}")
-
 
 # What each numeric flag must be, checked before any work starts.
 RULES = [(names.split(), test, need) for names, test, need in [
@@ -103,7 +92,6 @@ RULES = [(names.split(), test, need) for names, test, need in [
      lambda v: v > 0, "positive"),
     ("wd jitter warmup_epochs queue_size workers max_steps knn_every", lambda v: v >= 0, "at least 0"),
     ("ema", lambda v: 0 <= v <= 1, "within [0, 1]")]]
-
 
 def check_args(args, world: int):
     """Fail with a one-line fix on any flag, or combination of flags, that cannot train."""
@@ -135,7 +123,6 @@ def check_args(args, world: int):
     if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pth")):
         fail(f"{os.path.join(args.out, 'checkpoint.pth')} exists; pass --resume to continue it, or choose another --out")
 
-
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step is rescaled per tensor by trust * |w| / |g + wd * w| (You et al., 2017;
     BYOL's optimizer). Groups with lars=False (BN parameters, biases) get plain SGD without weight decay."""
@@ -158,7 +145,6 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["momentum"].mul_(group["momentum"]).add_(update)
                 p.add_(self.state[p]["momentum"], alpha=-group["lr"])
 
-
 def build_optimizer(learner, args, lr: float):
     """SGD (momentum 0.9, wd on every parameter) or LARS (BN weights and biases excluded) over the online side."""
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -167,10 +153,9 @@ def build_optimizer(learner, args, lr: float):
     return LARS([{"params": [p for p in params if p.ndim > 1]},
                  {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}], lr, args.wd)
 
-
 def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
-    """(lr, ema) at a step: lr warms up linearly, then follows a cosine to 0; the EMA momentum is constant
-    for MoCo and follows a cosine from args.ema to 1 for BYOL."""
+    """(lr, ema) at a step: lr warms up linearly, then follows a cosine to 0; ema is constant (MoCo) or follows a
+    cosine from args.ema to 1 (BYOL)."""
     if step < warmup:
         lr = peak_lr * (step + 1) / warmup
     else:
@@ -179,10 +164,9 @@ def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
         return lr, args.ema
     return lr, 1 - (1 - args.ema) * 0.5 * (1 + math.cos(math.pi * step / total))
 
-
 def read_resume(args, steps_per_epoch: int) -> dict:
-    """The checkpoint to continue, refused (naming the flags) when this command would not repeat the
-    interrupted run; a note lists the deliberate changes (longer --epochs, other --workers...)."""
+    """The checkpoint to continue; refused, naming the flags, when this command would not repeat the run. A note
+    lists the deliberate changes (a longer --epochs, other --workers...)."""
     try:
         checkpoint = models.read_checkpoint(os.path.join(args.out, "checkpoint.pth"))
         saved = checkpoint["args"]
@@ -203,10 +187,9 @@ def read_resume(args, steps_per_epoch: int) -> dict:
         log(f"note: resuming with {flags(changed, vars(args))} (was {flags(changed, saved)})")
     return checkpoint
 
-
 def resume(checkpoint: dict, args, learner, optimizer, scaler) -> int:
-    """Load the training state and trim log.jsonl to the checkpoint's step, so that the steps a crashed run
-    logged after its last save are not logged twice. Returns the step to continue from."""
+    """Load the training state; trim log.jsonl to the checkpoint's step, so that the steps a crashed run logged
+    after its last save are not logged twice. Returns the step to continue from."""
     learner.load_state_dict(checkpoint["learner"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"] or not scaler.is_enabled():   # a bf16/off run saved no scaler state
@@ -218,7 +201,6 @@ def resume(checkpoint: dict, args, learner, optimizer, scaler) -> int:
         with open(path, "w") as file:
             file.writelines(json.dumps(r) + "\n" for r in records if not r.get("final") and r["step"] <= checkpoint["step"])
     return checkpoint["step"]
-
 
 def knn_report(trunk, args, device, baseline: bool) -> dict:
     """k-NN top-1 % (k = 20) on the val split of the trunk, and of a random-init trunk when baseline. At most
@@ -243,20 +225,6 @@ def knn_report(trunk, args, device, baseline: bool) -> dict:
     trunk.train()
     return results
 
-
-@contextlib.contextmanager
-def stop_requests():
-    """Turn SIGTERM (cluster preemption) and Ctrl-C into a request that the loop polls after each step, so it
-    can save a checkpoint instead of dying mid-step. Yields the list the handler appends to."""
-    received = []
-    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def build_learner(args, device, world: int):
     """(learner, model): the learner on device, and what the step calls (its DDP wrapper when world > 1)."""
     if args.framework == "moco":
@@ -273,11 +241,9 @@ def build_learner(args, device, world: int):
     return learner, DistributedDataParallel(learner, device_ids=[device.index] if cuda else None,
                                             broadcast_buffers=False) if world > 1 else learner
 
-
 def train_step(batch, model, optimizer, scaler, autocast, args, device, step: int, stop_signal: list):
-    """One optimisation step on a loader batch; returns (losses, stop). Ends with the step's one host sync, a
-    small all-reduce: every rank learns whether any rank saw a non-finite loss or a stop signal, so that
-    all of them stop at the same step instead of hanging in a collective."""
+    """One optimisation step on a loader batch; returns (losses, stop). Its one host sync is a small all-reduce:
+    every rank learns whether any saw a non-finite loss or a stop signal, so all stop at the same step."""
     (x1, x2, crops), _ = batch   # labels are never used in pre-training
     # Every random choice of the step (mosaic grouping, jitter, shuffle-BN order) is a function of
     # (seed, step, rank), so a resumed run repeats an uninterrupted one.
@@ -302,7 +268,6 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
             saved) else "no checkpoint was written yet") + ". Lower --lr, or use --amp bf16/off instead of fp16")
     return losses, bool(stop)
 
-
 def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_step: int, lr: float, ema: float, args):
     """Append one record to log.jsonl and print it, with throughput, data wait and ETA since the last one."""
     elapsed = time.time() - meter["since"]
@@ -318,7 +283,6 @@ def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_st
           f"eta {(last_step - step) * elapsed / meter['steps'] / 60:.1f} min", flush=True)
     meter.update(since=time.time(), waited=0.0, steps=0)
 
-
 def save(learner, optimizer, scaler, args, step: int, steps_per_epoch: int):
     """Rank 0 writes checkpoint.pth and backbone.pth; a failed write (a full disk) stops with one line."""
     if models.rank() == 0:
@@ -328,7 +292,6 @@ def save(learner, optimizer, scaler, args, step: int, steps_per_epoch: int):
         except OSError as error:
             fail(f"could not write the checkpoint to {args.out} ({error.strerror or error}); the previous one is "
                  f"intact: free space there and rerun with --resume")
-
 
 def finish(learner, args, device, step: int, log_file):
     """Check that every rank holds the same weights, run the final k-NN, write the final record."""
@@ -342,11 +305,9 @@ def finish(learner, args, device, step: int, log_file):
         log_file.write(json.dumps(final) + "\n")
     log(f"done: {step} steps; weights identical on all {len(sums)} ranks: {final['ranks_identical']}; outputs in {args.out}")
 
-
 def log(message: str):
     if models.rank() == 0:
         print(message, flush=True)
-
 
 def main(argv=None) -> int:
     """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an
@@ -354,13 +315,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     device = models.init_distributed()
+    # SIGTERM (cluster preemption) and Ctrl-C become a request that the loop polls after each step, so that
+    # it can save a checkpoint instead of dying mid-step.
+    stop_signal = []
+    previous = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with stop_requests() as stop_signal:
-            return train(args, device, stop_signal)
+        return train(args, device, stop_signal)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 def train(args, device, stop_signal: list) -> int:
     """Build, then loop (step, log, epoch end), then finish. Returns 0 when done, 1 when stopped by a signal."""
@@ -412,7 +377,6 @@ def train(args, device, stop_signal: list) -> int:
             return 1
         finish(learner, args, device, step, log_file)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
