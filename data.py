@@ -1,10 +1,5 @@
 """Datasets, view augmentations and loaders shared by train.py, eval_knn.py, eval_linear.py and bench.py."""
-import contextlib
-import functools
-import multiprocessing
-import os
-import signal
-import warnings
+import contextlib, functools, multiprocessing, os, signal, warnings
 
 import torch
 import torchvision
@@ -15,25 +10,24 @@ DATASETS = ("imagefolder", "cifar10", "cifar100", "stl10", "fake")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet statistics, used for every dataset
 DEMO_FOLDER = os.path.join("data", "cifar10-jpg")          # the demo's CIFAR-10 as an ImageFolder tree
 
-def add_data_args(parser, val_help: str = ""):
+def add_data_args(parser):
     """The data and loader flags that train.py and both evaluation scripts share."""
     parser.add_argument("--dataset", choices=DATASETS, default="imagefolder")
-    parser.add_argument("--data", help="the training split: an ImageFolder (one folder per class), or the "
-                                       "torchvision folder for cifar10/cifar100/stl10")
-    parser.add_argument("--val-data", help=f"the val split's ImageFolder {val_help}(default: val/ or test/ beside --data)")
+    parser.add_argument("--data", help="training split: ImageFolder root, or torchvision's folder for the others")
+    parser.add_argument("--val-data", help="val split's ImageFolder (for k-NN; default: val/ or test/ beside --data)")
     parser.add_argument("--image-size", type=int, default=224, help="global views and evaluation (px)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes per process")
     parser.add_argument("--fake-size", type=int, default=512, help="images in --dataset fake")
 
 def view_transform(framework: str, size: int, scale, blur_p: float, solarize_p: float) -> v2.Compose:
-    """One augmented view: PIL image -> [3, size, size] normalised float tensor. Colour jitter (brightness,
-    contrast, saturation, hue) is MoCo-v2's (0.4, 0.4, 0.4, 0.1) or BYOL's (0.4, 0.4, 0.2, 0.1). Views
-    under 64 px get no blur: 10 % of 32 px is a 3x3 box that only erases detail."""
+    """One augmented view, PIL image -> [3, size, size] normalised tensor, with MoCo-v2's or BYOL's colour jitter.
+    Views under 64 px get no blur: 10 % of 32 px is a 3x3 box that only erases detail."""
     colour_jitter = (0.4, 0.4, 0.4, 0.1) if framework == "moco" else (0.4, 0.4, 0.2, 0.1)
     steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
              v2.RandomApply([v2.ColorJitter(*colour_jitter)], p=0.8), v2.RandomGrayscale(p=0.2)]
     if blur_p > 0 and size >= 64:
-        steps.append(v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=blur_p))  # ~10 % of the side
+        kernel = 2 * (size // 20) + 1   # about 10 % of the side, odd
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
     return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
@@ -43,13 +37,10 @@ class MultiViewTransform:
     global views are alike (scale (0.2, 1), blur 0.5), BYOL's asymmetric (scale (0.08, 1), blur 1.0 / 0.1,
     solarize 0 / 0.2). The crops are RandomResizedCrop(s, scale=(0.1, 0.6)) with the framework's colour
     augmentations; with num_crops = 0 they are an empty [0, 3, s, s]: the two-view baseline pays for none."""
-
     def __init__(self, framework: str, image_size: int, crop_size: int, num_crops: int):
-        if framework == "moco":
-            self.view1 = self.view2 = view_transform("moco", image_size, (0.2, 1.0), 0.5, 0.0)
-        else:
-            self.view1 = view_transform("byol", image_size, (0.08, 1.0), 1.0, 0.0)
-            self.view2 = view_transform("byol", image_size, (0.08, 1.0), 0.1, 0.2)
+        moco = framework == "moco"
+        scale, blur, solarize = ((0.2, 1.0), (0.5, 0.5), (0, 0)) if moco else ((0.08, 1.0), (1.0, 0.1), (0, 0.2))
+        self.view1, self.view2 = (view_transform(framework, image_size, scale, b, s) for b, s in zip(blur, solarize))
         self.small = view_transform(framework, crop_size, (0.1, 0.6), 0.5, 0.0)
         self.num_crops, self.crop_size = num_crops, crop_size
 
@@ -59,8 +50,7 @@ class MultiViewTransform:
         return self.view1(image), self.view2(image), crops
 
 def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
-    """Evaluation view: resize + centre crop (above 64 px, resized to 8/7 of the size first), or, for the
-    augmented linear probe, RandomResizedCrop + flip."""
+    """Evaluation view: resize (to 8/7 of the size above 64 px) + centre crop; with augment RandomResizedCrop + flip."""
     resize = image_size if image_size <= 64 else round(image_size * 8 / 7)
     steps = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()] if augment
              else [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
@@ -69,7 +59,6 @@ def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
 class SafeImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder that skips an unreadable image with a warning naming the file, instead of killing a
     multi-day run at hour 30 because of one corrupt JPEG."""
-
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
@@ -81,12 +70,12 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
 
 def build_dataset(name: str, root: str, train: bool, transform, image_size: int = 224, fake_size: int = 512,
                   unlabeled: bool = False):
-    """One split: imagefolder (`root` holds one folder per class), cifar10 / cifar100 / stl10 (torchvision's,
-    downloaded into `root` when missing; unlabeled adds STL-10's 100k unlabeled images) or fake (random
-    images). SystemExit with a one-line fix when the data is missing or unreadable."""
+    """One split: imagefolder (`root` holds a folder per class), cifar10 / cifar100 / stl10 (torchvision's, downloaded
+    into `root` when missing; unlabeled adds STL-10's 100k) or fake. SystemExit with a one-line fix if unusable."""
     if name == "fake":
-        return torchvision.datasets.FakeData(fake_size if train else max(fake_size // 4, 16), (3, image_size, image_size),
-                                             10, transform, random_offset=0 if train else 10**6)
+        size = fake_size if train else max(fake_size // 4, 16)
+        return torchvision.datasets.FakeData(size, (3, image_size, image_size), 10, transform,
+                                             random_offset=0 if train else 10**6)
     if not root:
         raise SystemExit(f"error: --data is required for --dataset {name}: point it at the dataset's folder")
     if name == "imagefolder":
@@ -111,9 +100,8 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
                          f"used with --dataset imagefolder") from None
 
 def build_splits(dataset: str, data: str, val_data, train_transform, val_transform, image_size: int, fake_size: int):
-    """(train split, val split, num_classes). For imagefolder, `data` is the train split's folder and the val
-    split is val_data, else a val/ or test/ folder beside it. One-line SystemExit when a split is missing or
-    the splits' classes differ."""
+    """(train split, val split, num_classes); an ImageFolder's val split is val_data, else val/ or test/ beside data.
+    One-line SystemExit when a split is missing or the splits' classes differ."""
     val_root = data
     if dataset == "imagefolder":
         beside = [os.path.join(os.path.dirname(os.path.abspath(data or ".")), name) for name in ("val", "test")]
@@ -135,7 +123,6 @@ class EpochSampler(DistributedSampler):
     yielding epoch * N + index instead of index, so that SeededViews can seed each sample's views from (seed,
     epoch, index): a resumed run sees the views an uninterrupted one would, whatever the number of workers.
     set_epoch(epoch, skip_batches) selects an epoch and resumes inside it."""
-
     def __init__(self, dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
         super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size, self.batches_per_epoch, self.skip_batches = batch_size, self.num_samples // batch_size, 0
@@ -154,12 +141,8 @@ class EpochSampler(DistributedSampler):
 class SeededViews(Dataset):
     """Wraps a dataset for keys from EpochSampler: seeds torch's RNG from (seed, epoch, index) before the
     transform runs, so that each sample's augmentations are reproducible."""
-
     def __init__(self, dataset, seed: int):
         self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, key: int):
         epoch, index = divmod(key, len(self.dataset))
@@ -174,14 +157,12 @@ def _worker_init(exiting, worker_id: int):
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0) if exiting.is_set() else None)
 
 @contextlib.contextmanager
-def train_loader(dataset, batch_size: int, workers: int, seed: int):
-    """Yields this process's training loader: full batches of reproducible views; call
+def train_loader(dataset, batch_size: int, workers: int, seed: int, world: int = 1, rank: int = 0):
+    """Yields process `rank`'s training loader: full batches of reproducible views; call
     loader.sampler.set_epoch(epoch) before each epoch. Leaving the block, however, lets the workers end."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
-    exiting = multiprocessing.Event()
+    exiting, sampler = multiprocessing.Event(), EpochSampler(dataset, batch_size, seed, world, rank)
     try:
-        yield DataLoader(SeededViews(dataset, seed), batch_size, sampler=EpochSampler(dataset, batch_size, seed, world, rank),
+        yield DataLoader(SeededViews(dataset, seed), batch_size, sampler=sampler,
                          num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=True,
                          worker_init_fn=functools.partial(_worker_init, exiting),
                          persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)

@@ -1,22 +1,16 @@
-"""k-NN evaluation of a frozen trunk, and the pieces that eval_linear.py and train.py share.
-
-A test image's score for class c is the sum of exp(cos / T) over its k nearest training images of class c
-(cosine similarity of pooled fp32 features; Wu et al. 2018, as in DINO). One extraction serves every k.
-
-    python eval_knn.py --weights runs/mosrep/backbone.pth --data imagenet/train --val-data imagenet/val
-    torchrun --nproc_per_node 8 eval_knn.py ...    # each process extracts a shard of the features
+"""k-NN evaluation of a frozen trunk (`torchrun --nproc_per_node 8 eval_knn.py --weights backbone.pth --data
+imagenet/train`), and the pieces that eval_linear.py and train.py share. A test image's score for class c is the
+sum of exp(cos / T) over its k nearest training images of class c (cosine similarity of pooled fp32 features;
+Wu et al. 2018, as in DINO). One feature extraction, each process a shard, serves every k.
 """
-import argparse
-import json
-import time
+import argparse, json, time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from data import add_data_args, build_splits, eval_transform
-from models import ARCHS, STEMS, gather_all, init_distributed, load_trunk, rank, world_size
+from models import ARCHS, STEMS, distributed, gather_all, load_trunk, rank, world_size
 
 KNN_TEMPERATURE = 0.07
 
@@ -32,8 +26,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 def build_trunk(args, device) -> torch.nn.Module:
-    """models.load_trunk(args.weights, args.arch, args.stem) in eval mode on device (channels_last on a GPU);
-    'random' is seeded from args.seed, the same on every process. A bad --weights exits with one line."""
+    """models.load_trunk in eval mode on device ('random' seeded from args.seed); a bad --weights exits in one line."""
     torch.manual_seed(getattr(args, "seed", 0))
     try:
         trunk = load_trunk(args.weights, args.arch, args.stem)
@@ -43,74 +36,55 @@ def build_trunk(args, device) -> torch.nn.Module:
                     else torch.contiguous_format).eval()
 
 def shard_loader(dataset, batch_size: int, workers: int) -> DataLoader:
-    """An unshuffled loader over this process's contiguous shard of dataset (rank r of W gets images
-    [N*r/W, N*(r+1)/W)), so that gathering the shards in rank order restores the dataset's order."""
-    n, world, r = len(dataset), world_size(), rank()
-    shard = Subset(dataset, range(n * r // world, n * (r + 1) // world))
-    return DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
-
-def _gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate [n_r, ...] tensors of every process in rank order; n_r may differ between processes."""
-    if world_size() == 1:
-        return tensor
-    sizes = gather_all(torch.tensor([len(tensor)], device=tensor.device)).tolist()
-    # all_gather wants equal shapes: pad every part to the longest, trim after.
-    padded = torch.cat([tensor, tensor.new_zeros(max(sizes) - len(tensor), *tensor.shape[1:])])
-    return torch.cat([part[:n] for part, n in zip(gather_all(padded).split(max(sizes)), sizes)])
+    """An unshuffled loader over this process's shard of dataset: images r, r + W, r + 2W... of rank r of W."""
+    sampler = DistributedSampler(dataset, world_size(), rank(), shuffle=False) if world_size() > 1 else None
+    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available())
 
 @torch.no_grad()
 def extract_features(trunk, loader, device, name: str = "features"):
-    """(features [N, C] fp32, labels [N] int64) on device: the pooled features of every image the loader
-    yields, through the trunk in eval mode (BN statistics untouched), gathered over processes in rank order;
-    not normalised (the probe wants them raw). Rank 0 prints its progress every 10 s."""
+    """(features [N, C] fp32, labels [N] int64) on device: pooled, not normalised, through the trunk in eval mode
+    (BN statistics untouched), of every image, gathered over processes. Rank 0 prints progress every 10 s."""
     trunk.eval()
-    features, labels = [torch.zeros(0, trunk.out_channels, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+    features = [torch.zeros(0, trunk.out_channels, device=device)]
+    labels = [torch.zeros(0, dtype=torch.long, device=device)]
     start = shown = time.time()
     for images, targets in loader:
         features.append(trunk.pooled(images.to(device, non_blocking=True)).float())
         labels.append(torch.as_tensor(targets).to(device).long())
         if rank() == 0 and time.time() - shown > 10:
             shown = time.time()
-            print(f"  {name}: {sum(map(len, labels))}/{len(loader.dataset)} images ({shown - start:.0f} s)", flush=True)
-    return _gather(torch.cat(features)), _gather(torch.cat(labels))
-
-def knn_scores(train_features, train_labels, test_features, ks, temperature: float, num_classes: int, chunk_size=256):
-    """Yields, per chunk of n test rows, [class scores [n, num_classes] for each k in ks]: scores[i, c] = sum of
-    exp(cos / T) over the k (clamped to N) nearest train rows of class c. Features are L2-normalised here; the
-    max(ks) nearest are found once per chunk, and each k votes with the first k of them."""
-    train, train_labels = F.normalize(train_features.float(), dim=1), train_labels.to(train_features.device)
-    ks = [min(k, len(train)) for k in ks]
-    for chunk in F.normalize(test_features.float(), dim=1).split(chunk_size):
-        similarities, index = (chunk @ train.T).topk(max(ks), dim=1)   # of ties at the k-th place, topk's pick
-        weights, labels = (similarities / temperature).exp(), train_labels[index]
-        yield [torch.zeros(len(chunk), num_classes, device=chunk.device).scatter_add_(1, labels[:, :k], weights[:, :k])
-               for k in ks]
+            done = sum(map(len, labels)) * world_size()
+            print(f"  {name}: {done}/{len(loader.dataset)} images ({shown - start:.0f} s)", flush=True)
+    # Process r holds images r, r + W, ... (the last ones padded with repeats): interleave back, drop the padding.
+    gather = lambda x: gather_all(torch.cat(x)).unflatten(0, (world_size(), -1)).transpose(0, 1).flatten(0, 1)
+    return gather(features)[:len(loader.dataset)], gather(labels)[:len(loader.dataset)]
 
 def knn_predict(train_features, train_labels, test_features, k: int, temperature: float, num_classes: int,
                 chunk_size: int = 256) -> torch.Tensor:
-    """Class scores [M, num_classes] of test_features [M, C] for one k (see knn_scores)."""
-    chunks = knn_scores(train_features, train_labels, test_features, [k], temperature, num_classes, chunk_size)
-    return torch.cat([torch.zeros(0, num_classes, device=train_features.device)] + [scores[0] for scores in chunks])
+    """train_features [N, C], train_labels [N], test_features [M, C] -> scores [M, num_classes]: sum of exp(cos / T)
+    over the k (<= N) nearest train rows of each class; fp32, normalised here, chunk_size test rows at a time."""
+    train, labels = F.normalize(train_features.float(), dim=1), train_labels.to(train_features.device)
+    scores = [torch.zeros(0, num_classes, device=train.device)]
+    for chunk in F.normalize(test_features.float(), dim=1).split(chunk_size):
+        similarities, index = (chunk @ train.T).topk(min(k, len(train)), dim=1)   # of ties at the k-th, topk's pick
+        votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
+        scores.append(votes.scatter_add_(1, labels[index], (similarities / temperature).exp()))
+    return torch.cat(scores)
 
-def accuracy(scores: torch.Tensor, labels: torch.Tensor, percent: bool = True):
-    """scores [N, K], labels [N] -> (top-1, top-5) in % (hit counts if not percent). Top-5 is top-K when
-    K < 5; of tied scores the lower class ranks first; an empty set gives (0, 0)."""
-    ranked = scores.sort(dim=1, descending=True, stable=True).indices[:, :5]
-    hits = ranked == labels[:, None].to(ranked.device)
-    top1, top5 = int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
-    return (100.0 * top1 / max(len(labels), 1), 100.0 * top5 / max(len(labels), 1)) if percent else (top1, top5)
+def accuracy(scores: torch.Tensor, labels: torch.Tensor):
+    """scores [N, K], labels [N] -> (top-1 %, top-5 %). Top-5 is top-K when K < 5; of tied scores the lower class
+    ranks first; an empty set gives (0, 0)."""
+    hits = scores.sort(dim=1, descending=True, stable=True).indices[:, :5] == labels[:, None].to(scores.device)
+    return 100.0 * int(hits[:, 0].sum()) / max(len(labels), 1), 100.0 * int(hits.any(dim=1).sum()) / max(len(labels), 1)
 
 def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, temperature: float,
                  num_classes: int, chunk_size: int = 256) -> dict:
-    """{k: {"top1": %, "top5": %}} for every k in ks (a repeated k counts once), from one similarity pass."""
-    ks = list(dict.fromkeys(ks))
-    counts = {k: [0, 0] for k in ks}
-    chunks = knn_scores(train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size)
-    for scores, truth in zip(chunks, test_labels.split(chunk_size)):
-        for k, k_scores in zip(ks, scores):
-            counts[k] = [a + b for a, b in zip(counts[k], accuracy(k_scores, truth, percent=False))]
-    n = max(len(test_labels), 1)
-    return {k: {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n} for k, (top1, top5) in counts.items()}
+    """{k: {"top1": %, "top5": %}} for every k in ks (a repeated k counts once); shapes as knn_predict."""
+    results = {}
+    for k in dict.fromkeys(ks):
+        scores = knn_predict(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size)
+        results[k] = dict(zip(("top1", "top5"), accuracy(scores, test_labels)))
+    return results
 
 def knn_eval(trunk, train_set, val_set, ks, temperature: float, num_classes: int, batch_size: int, workers: int,
              device, name: str = "k-NN") -> dict:
@@ -126,14 +100,15 @@ def main():
     args = parser.parse_args()
     if min(args.k) < 1 or args.temperature <= 0:
         parser.error("--k values and --temperature must be positive")
-    device = init_distributed()
-    try:
+    with distributed() as device:
         trunk, start, transform = build_trunk(args, device), time.time(), eval_transform(args.image_size)
         train_set, val_set, classes = build_splits(args.dataset, args.data, args.val_data, transform, transform,
                                                    args.image_size, args.fake_size)
-        results = knn_eval(trunk, train_set, val_set, args.k, args.temperature, classes, args.batch_size, args.workers, device)
+        results = knn_eval(trunk, train_set, val_set, args.k, args.temperature, classes, args.batch_size, args.workers,
+                           device)
         if rank() == 0:
-            print(f"k-NN on {len(train_set)} train / {len(val_set)} test images, {classes} classes, T={args.temperature}, "
+            print(f"k-NN on {len(train_set)} train / {len(val_set)} test images, {classes} classes, "
+                  f"T={args.temperature}, "
                   f"{time.time() - start:.0f}s\n{'k':>6} {'top-1':>7} {'top-5':>7}")
             for k, result in results.items():
                 clamped = f"  (k clamped to {len(train_set)})" if k > len(train_set) else ""
@@ -142,9 +117,6 @@ def main():
                 with open(args.out, "w") as file:
                     json.dump({"args": vars(args), "num_train": len(train_set), "num_test": len(val_set),
                                "num_classes": classes, "knn": {str(k): r for k, r in results.items()}}, file, indent=2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()

@@ -1,29 +1,19 @@
-"""Linear probe of a frozen trunk.
-
-A non-affine BatchNorm + linear layer on pooled features, trained with SGD (momentum 0.9, wd 0, cosine
-schedule, no AMP); one head per --lr, all trained at once, the best lr picked on the val split that it is
-also reported on (as in the papers). The default mode trains on cached centre-crop features; --augment is
-the paper's protocol, RandomResizedCrop + flip through the frozen trunk every epoch. --label-fraction
-0.01 / 0.1 trains on a class-balanced subset of the training labels (the paper's 1 % / 10 % rows).
-
-    python eval_linear.py --weights runs/mosrep/backbone.pth --data imagenet/train --val-data imagenet/val \
-        [--augment] [--label-fraction 0.01] --out linear.json
-    torchrun --nproc_per_node 8 eval_linear.py --augment ...
+"""Linear probe of a frozen trunk (`torchrun --nproc_per_node 8 eval_linear.py --weights backbone.pth --data
+imagenet/train --augment`): a non-affine BatchNorm + linear layer on pooled features, SGD, cosine schedule, no
+AMP; one head per --lr, trained at once, the best picked on the val split it is reported on (as in the papers).
+Cached centre-crop features by default; --augment is the paper's protocol (RandomResizedCrop + flip through the
+trunk every epoch); --label-fraction 0.01 / 0.1 keeps a class-balanced share of the labels (the 1 % / 10 % rows).
 """
-import argparse
-import json
-import math
-import time
+import argparse, json, math, time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 from data import build_splits, eval_transform
 from eval_knn import accuracy, add_common_args, build_trunk, extract_features, shard_loader
-from models import init_distributed, rank, world_size
+from models import distributed, rank, world_size
 
 def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
     """labels [N] -> sorted LongTensor of kept indices: round(fraction * n_c) (half up) random images of
@@ -45,7 +35,6 @@ def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
 class ProbeHeads(nn.Module):
     """One non-affine BatchNorm1d shared by num_heads linear layers: features [B, C] -> logits [H, B, K].
     The BN has no parameters, so sharing it leaves the heads independent."""
-
     def __init__(self, num_features: int, num_classes: int, num_heads: int):
         super().__init__()
         self.norm = nn.BatchNorm1d(num_features, affine=False)
@@ -72,14 +61,13 @@ def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int
         yield features[index], labels[index]
 
 def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, num_features: int, num_classes: int,
-                lrs, epochs: int, wd: float = 0.0, ddp: bool = False, log=print) -> list:
-    """Train one ProbeHeads head per lr in lrs for epochs epochs, evaluating all on val_features [N, C] /
-    val_labels [N] after each. make_batches(epoch) (from 1) gives that epoch's (features [B, C], labels [B])
-    on val_features' device; steps_per_epoch sizes the cosine schedule; ddp averages gradients over processes.
-    Returns per lr {lr, best_epoch, best_top1, best_top5, last_top1, last_top5}."""
+                lrs, epochs: int, wd: float = 0.0, ddp: bool = False) -> list:
+    """Train a ProbeHeads head per lr for `epochs` epochs on the (features [B, C], labels [B]) of make_batches(epoch),
+    epochs counted from 1, evaluating all on val_features [N, C], val_labels [N] after each; ddp averages gradients
+    over processes. Returns per lr {lr, best_epoch, best_top1, best_top5, last_top1, last_top5}."""
     device = val_features.device
     heads = ProbeHeads(num_features, num_classes, len(lrs)).to(device)
-    model = nn.parallel.DistributedDataParallel(heads, device_ids=[device] if device.type == "cuda" else None) if ddp else heads
+    model = nn.parallel.DistributedDataParallel(heads, [device] if device.type == "cuda" else None) if ddp else heads
     optimizer = torch.optim.SGD([{"params": linear.parameters(), "lr": lr} for linear, lr in zip(heads.linears, lrs)],
                                 lr=lrs[0], momentum=0.9, weight_decay=wd)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs * steps_per_epoch, 1))
@@ -105,8 +93,8 @@ def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, nu
             if top1 > result["best_top1"]:
                 result.update(best_epoch=epoch, best_top1=top1, best_top5=top5)
             result.update(last_top1=top1, last_top5=top5)
-        if epoch == epochs or epoch % max(1, epochs // 20) == 0:
-            log(f"epoch {epoch}/{epochs}  loss {float(loss_sum) / max(steps, 1) / len(lrs):.3f}  val top-1 per lr: "
+        if rank() == 0 and (epoch == epochs or epoch % max(1, epochs // 20) == 0):
+            print(f"epoch {epoch}/{epochs}  loss {float(loss_sum) / max(steps, 1) / len(lrs):.3f}  val top-1 per lr: "
                 + " ".join(f"{r['lr']:g}:{r['last_top1']:.1f}" for r in results))
     return results
 
@@ -114,29 +102,15 @@ def probe_batches(args, trunk, train_set, device):
     """(make_batches(epoch), steps per epoch): features extracted once and shuffled each epoch (every process
     holds them all), or with --augment fresh views through the frozen trunk, each process its own shard."""
     if not args.augment:
-        features, labels = extract_features(trunk, shard_loader(train_set, args.batch_size, args.workers), device, "train")
-        generator = torch.Generator().manual_seed(args.seed)
-        return (lambda epoch: cached_batches(features, labels, args.batch_size, generator)), math.ceil(len(labels) / args.batch_size)
+        features, labels = extract_features(trunk, shard_loader(train_set, args.batch_size, args.workers), device)
+        generator, steps = torch.Generator().manual_seed(args.seed), math.ceil(len(labels) / args.batch_size)
+        return (lambda epoch: cached_batches(features, labels, args.batch_size, generator)), steps
     sampler = (DistributedSampler(train_set, seed=args.seed) if world_size() > 1
                else RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed)))
     loader = DataLoader(train_set, args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     set_epoch = getattr(sampler, "set_epoch", lambda epoch: None)
     return (lambda epoch: set_epoch(epoch) or frozen_features(trunk, loader, device)), len(loader)
-
-def report(args, results, epochs: int, num_train: int, num_val: int, num_classes: int, seconds: float):
-    """Print the per-lr table and write it to --out as JSON."""
-    best = max(results, key=lambda r: r["best_top1"])
-    print(f"linear probe, {num_train} train / {num_val} val images, {num_classes} classes, "
-          f"{'augmented' if args.augment else 'cached'} mode, {epochs} epochs, {seconds:.0f}s\n"
-          f"{'lr':>8} {'best ep':>7} {'best top-1':>10} {'best top-5':>10} {'last top-1':>10} {'last top-5':>10}")
-    for r in results:
-        print(f"{r['lr']:>8g} {r['best_epoch']:>7} {r['best_top1']:10.2f} {r['best_top5']:10.2f} "
-              f"{r['last_top1']:10.2f} {r['last_top5']:10.2f}{'  <- best' if r is best else ''}")
-    if args.out:
-        with open(args.out, "w") as file:
-            json.dump({"args": vars(args), "epochs": epochs, "num_train": num_train, "num_val": num_val,
-                       "num_classes": num_classes, "heads": results, "best": best}, file, indent=2)
 
 def main():
     parser = add_common_args(argparse.ArgumentParser(description="linear probe of a frozen trunk"))
@@ -146,35 +120,39 @@ def main():
     parser.add_argument("--augment", action="store_true", help="RandomResizedCrop + flip through the trunk every epoch")
     parser.add_argument("--label-fraction", type=float, default=1.0, help="class-balanced subset of the train labels")
     args = parser.parse_args()
-    epochs = args.epochs if args.epochs is not None else (90 if args.augment else 100)
-    if epochs < 1 or min(args.lr) <= 0:
+    args.epochs = args.epochs if args.epochs is not None else (90 if args.augment else 100)
+    if args.epochs < 1 or min(args.lr) <= 0:
         parser.error("--epochs and --lr must be positive")
-    device = init_distributed()
-    try:
-        trunk = build_trunk(args, device)
+    with distributed() as device:
+        trunk, start = build_trunk(args, device), time.time()
         torch.manual_seed(args.seed)   # the heads' initialisation
         train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
             args.image_size, augment=args.augment), eval_transform(args.image_size), args.image_size, args.fake_size)
-        if args.label_fraction != 1:
-            # .targets / .labels spare decoding every image; FakeData has neither
+        if args.label_fraction != 1:   # .targets / .labels spare decoding every image; FakeData has neither
             labels = getattr(train_set, "targets", getattr(train_set, "labels", None))
             labels = [train_set[i][1] for i in range(len(train_set))] if labels is None else labels
             try:
                 train_set = Subset(train_set, balanced_subset(labels, args.label_fraction, args.seed).tolist())
             except ValueError as error:
                 raise SystemExit(f"error: {error}") from None
-        start = time.time()
         # the trunk is frozen: the val features are the same every epoch, in both modes
         val_x, val_y = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device, "val")
         make_batches, steps = probe_batches(args, trunk, train_set, device)
         if args.augment or rank() == 0:   # cached mode: rank 0 holds every feature and trains alone
-            results = train_probe(make_batches, steps, val_x, val_y, trunk.out_channels, num_classes, args.lr, epochs,
-                                  args.wd, ddp=args.augment and world_size() > 1, log=print if rank() == 0 else (lambda *_: None))
+            results = train_probe(make_batches, steps, val_x, val_y, trunk.out_channels, num_classes, args.lr,
+                                  args.epochs, args.wd, ddp=args.augment and world_size() > 1)
         if rank() == 0:
-            report(args, results, epochs, len(train_set), len(val_y), num_classes, time.time() - start)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            best = max(results, key=lambda r: r["best_top1"])
+            print(f"linear probe, {len(train_set)} train / {len(val_y)} val images, {num_classes} classes, "
+                  f"{'augmented' if args.augment else 'cached'} mode, {args.epochs} epochs, {time.time() - start:.0f}s"
+                  "\n      lr best ep best top-1 best top-5 last top-1 last top-5")
+            for r in results:
+                print(f"{r['lr']:>8g} {r['best_epoch']:>7} {r['best_top1']:10.2f} {r['best_top5']:10.2f} "
+                      f"{r['last_top1']:10.2f} {r['last_top5']:10.2f}{'  <- best' if r is best else ''}")
+            if args.out:
+                with open(args.out, "w") as file:
+                    json.dump({"args": vars(args), "epochs": args.epochs, "num_train": len(train_set), "num_val":
+                               len(val_y), "num_classes": num_classes, "heads": results, "best": best}, file, indent=2)
 
 if __name__ == "__main__":
     main()

@@ -1,14 +1,10 @@
-"""Networks of MosRep: a torchvision ResNet trunk, the RoI head, the MoCo-v2 and BYOL learners, and
-their checkpoints. Imports only torch, torchvision and the Mosaic type.
-
-A learner's forward takes the two global views x1, x2 [B, 3, S, S] and the local views: a Mosaic
-(MosRep), a [B, M, 3, s, s] tensor of small crops (the multi-crop baseline) or None (two views). It
-returns a dict of scalars {loss, loss_global, loss_local, target_std}. The same code runs in one
-process (CPU or one GPU) and under DistributedDataParallel: the cross-process steps (gathering
-keys, shuffle-BN) do nothing when there is no process group.
+"""Networks of MosRep: a torchvision ResNet trunk, the RoI head, the MoCo-v2 and BYOL learners, and their
+checkpoints. Imports only torch, torchvision and the Mosaic type. A learner's forward takes the global views
+x1, x2 [B, 3, S, S] and the local views: a Mosaic (MosRep), crops [B, M, 3, s, s] (the multi-crop baseline) or
+None (two views); it returns the scalars {loss, loss_global, loss_local, target_std}. The same code runs in one
+process and under DDP: the cross-process steps (gathering keys, shuffle-BN) do nothing without a process group.
 """
-import copy
-import os
+import contextlib, copy, math, os
 
 import torch
 import torch.distributed as dist
@@ -24,13 +20,10 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "cifar")
 
 class Trunk(nn.Module):
-    """A torchvision ResNet without pooling and fc: images [N, 3, H, W] -> C5 map [N, C, H/stride, W/stride].
-
-    Its state_dict keys are torchvision's: `torchvision.models.<arch>()` loads it with only fc.* missing (with
-    the cifar stem, swap conv1 and maxpool the same way first). The cifar stem (3x3 stride-1 conv, no max-pool)
-    leaves a 32 px view a 4x4 C5 map (stride 8) instead of 1x1, so that roi_align has cells to align to.
-    """
-
+    """A torchvision ResNet without pooling and fc: images [N, 3, H, W] -> C5 map [N, C, H/stride, W/stride]. Its
+    state_dict keys are torchvision's: `torchvision.models.<arch>()` loads it with only fc.* missing (with the
+    cifar stem, swap conv1 and maxpool the same way first). The cifar stem (3x3 stride-1 conv, no max-pool)
+    leaves a 32 px view a 4x4 C5 map (stride 8) instead of 1x1, so that roi_align has cells to align to."""
     def __init__(self, arch: str = "resnet50", stem: str = "imagenet"):
         super().__init__()
         if arch not in ARCHS or stem not in STEMS:
@@ -43,10 +36,9 @@ class Trunk(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = net.fc.in_features
-        # The real stride, read off the layers: roi_align's spatial_scale is 1 / stride.
-        self.stride = self.conv1.stride[0] * (self.maxpool.stride if isinstance(self.maxpool, nn.MaxPool2d) else 1)
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            self.stride *= layer[0].stride   # torchvision blocks keep their stride
+        # The real stride, read off the layers (torchvision blocks keep theirs): roi_align's scale is 1 / stride.
+        self.stride = self.conv1.stride[0] * getattr(self.maxpool, "stride", 1) * math.prod(
+            layer[0].stride for layer in (self.layer1, self.layer2, self.layer3, self.layer4))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Inputs follow the weights' layout (channels_last on a GPU), else cuDNN converts at every layer.
@@ -55,8 +47,7 @@ class Trunk(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """images [N, 3, H, W] -> globally average-pooled features [N, C] (what evaluation uses)."""
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:   # [N, 3, H, W] -> [N, C]: what evaluation uses
         return self(images).mean(dim=(2, 3))
 
 def save_checkpoint(folder: str, learner: "_Learner", args: dict, **training_state):
@@ -114,37 +105,27 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn.Sequ
                          nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity(),
                          nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
-class Head(nn.Module):
+def head(channels: int, hidden_dim: int, out_dim: int, mlp_batch_norm: bool) -> nn.Sequential:
     """conv1x1 + BN + ReLU -> global average pool -> MLP: feature map [N, C, h, w] -> [N, out_dim]. The same head
     takes a global view's C5 map and a crop's roi_align map, so that crops and whole images land in one
     embedding space; the conv gives the RoI features a learned spatial transform (the released code's design)."""
-
-    def __init__(self, channels: int, hidden_dim: int, out_dim: int, mlp_batch_norm: bool):
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False),
-                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-        self.mlp = mlp(channels, hidden_dim, out_dim, mlp_batch_norm)
-
-    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.conv(feature_map).mean(dim=(2, 3)))
+    return nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), mlp(channels, hidden_dim, out_dim, mlp_batch_norm))
 
 class Encoder(nn.Module):
     """Trunk + Head. Calling it embeds whole images; embed_local embeds the local views."""
-
     def __init__(self, trunk: Trunk, hidden_dim: int, out_dim: int, mlp_batch_norm: bool, roi_size: int = 7):
         super().__init__()
         self.trunk, self.roi_size = trunk, roi_size
-        self.head = Head(trunk.out_channels, hidden_dim, out_dim, mlp_batch_norm)
+        self.head = head(trunk.out_channels, hidden_dim, out_dim, mlp_batch_norm)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [N, 3, H, W] -> embeddings [N, out_dim] (not normalised)."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor:   # [N, 3, H, W] -> [N, out_dim], not normalised
         return self.head(self.trunk(images))
 
     def embed_local(self, local):
-        """Local views -> (embeddings [B*M, D], source image [B*M], loss weights [B*M] or None). A Mosaic: one
-        trunk pass over the B mosaics, then roi_align cuts each crop's features out of the C5 map at its box,
-        so that every crop is encoded among other images' crops. Crops [B, M, C, s, s]: the multi-crop
-        baseline, each crop encoded as a separate small image."""
+        """Local views -> (embeddings [B*M, D], source image [B*M], loss weights [B*M] or None). A Mosaic: one trunk
+        pass over the mosaics, then roi_align cuts each crop's features out of the C5 map at its box, so that every
+        crop is encoded among other images' crops. Crops [B, M, C, s, s] (multi-crop): each encoded alone."""
         if isinstance(local, Mosaic):
             feature_map = self.trunk(local.images)                                   # [B, C, h, w]
             # fp32 rois and map whatever the autocast dtype (see the contract in mosaic.py).
@@ -155,22 +136,27 @@ class Encoder(nn.Module):
         embeddings = self(local.flatten(0, 1))                                       # [B*M, D], row b*M+j
         return embeddings, torch.arange(B, device=local.device).repeat_interleave(M), None
 
-def init_distributed() -> torch.device:
-    """Join torchrun's process group when it set RANK (nccl on CUDA, gloo on CPU), else stay a world
-    of one; every later code path is the same either way. Returns this process's device."""
+@contextlib.contextmanager
+def distributed():
+    """Yields this process's device, having joined torchrun's process group when it set RANK (nccl on CUDA, gloo
+    on CPU), else staying a world of one: every later code path is the same. Leaves the group at the end."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return device
+    try:
+        yield device
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() else 0
 
 @torch.no_grad()
 def gather_all(tensor: torch.Tensor) -> torch.Tensor:
@@ -184,13 +170,12 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
 
 class _Learner(nn.Module):
     """What both learners share: an online encoder, its EMA copy (the target), the exported backbone."""
-
-    def _make_target(self):
-        self.target = copy.deepcopy(self.online).requires_grad_(False)
+    def __init__(self, online: Encoder):
+        super().__init__()
+        self.online, self.target = online, copy.deepcopy(online).requires_grad_(False)
 
     @property
-    def backbone(self) -> Trunk:
-        """The online trunk: what training exports (backbone.pth) and evaluation measures."""
+    def backbone(self) -> Trunk:   # the online trunk: what training exports and evaluation measures
         return self.online.trunk
 
     @torch.no_grad()
@@ -201,9 +186,8 @@ class _Learner(nn.Module):
 
     @staticmethod
     def _report(loss_global, loss_local, keys):
-        """The loss to minimise, and detached figures to log. target_std, the per-dimension std of the L2-normalised
-        target embeddings times sqrt(D), is about 1 when they spread over the sphere and 0 when they collapse
-        to one point (the failure that a method without negatives must avoid)."""
+        """The loss, and detached figures to log. target_std (per-dimension std of the L2-normalised target embeddings,
+        times sqrt(D)) is ~1 when they spread over the sphere, 0 when they collapse to one point."""
         keys = F.normalize(keys.detach().float(), dim=1)
         return {"loss": loss_global + loss_local, "loss_global": loss_global.detach(),
                 "loss_local": loss_local.detach(), "target_std": keys.std(dim=0).mean() * keys.shape[1] ** 0.5}
@@ -212,13 +196,10 @@ class MoCo(_Learner):
     """MoCo-v2 with MosRep's local views (the released code's framework). The query encoder embeds x1 and the
     local views, the EMA key encoder x2. Every query (global view or crop) is contrasted with the keys of the
     whole global batch and the queue; its own image's key is the positive."""
-
     def __init__(self, arch="resnet50", stem="imagenet", dim=128, queue_size=65536, temperature=0.2,
                  roi_size=7, min_shuffle_chunk=16):
-        super().__init__()
         trunk = Trunk(arch, stem)
-        self.online = Encoder(trunk, trunk.out_channels, dim, mlp_batch_norm=False, roi_size=roi_size)
-        self._make_target()
+        super().__init__(Encoder(trunk, trunk.out_channels, dim, mlp_batch_norm=False, roi_size=roi_size))
         self.temperature, self.min_shuffle_chunk = temperature, min_shuffle_chunk
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [Q, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -227,12 +208,10 @@ class MoCo(_Learner):
     def keys(self, x2: torch.Tensor) -> torch.Tensor:
         """Key embeddings of the whole global batch, L2-normalised: [B*world, D] in rank order.
 
-        Shuffle-BN: a key batch-normalised together with the other views of its own batch would let
-        BN statistics leak which samples belong together, and the model could find its positive by
-        that leak instead of by content. So the keys are computed on a random permutation of the
-        global batch spread over the processes; in one process, the permuted batch is split into
-        chunks of >= min_shuffle_chunk images, each with its own BN statistics.
-        """
+        Shuffle-BN: a key batch-normalised with the other views of its own batch would let BN statistics leak
+        which samples belong together, and the model could find its positive by that leak instead of by
+        content. So keys are computed on a random permutation of the global batch spread over the processes;
+        in one process, the permuted batch is split into chunks of >= min_shuffle_chunk images."""
         world, B = world_size(), x2.shape[0]
         images = gather_all(x2)                                                   # [B*world, ...]
         perm = torch.randperm(images.shape[0], device=x2.device)
@@ -278,12 +257,9 @@ class BYOL(_Learner):
     """BYOL with MosRep's local views. Online = trunk -> projector head -> predictor; target = EMA of trunk +
     head (no predictor). Each global view predicts the other's target embedding; each crop predicts both
     target embeddings of its source image."""
-
     def __init__(self, arch="resnet50", stem="imagenet", dim=256, hidden_dim=4096, roi_size=7):
-        super().__init__()
-        self.online = Encoder(Trunk(arch, stem), hidden_dim, dim, mlp_batch_norm=True, roi_size=roi_size)
+        super().__init__(Encoder(Trunk(arch, stem), hidden_dim, dim, mlp_batch_norm=True, roi_size=roi_size))
         self.predictor = mlp(dim, hidden_dim, dim, batch_norm=True)
-        self._make_target()
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, local=None) -> dict:
         """x1, x2: the two global views [B, 3, S, S]; local: Mosaic, crops or None."""

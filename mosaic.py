@@ -46,20 +46,17 @@ def group_crops(batch_size: int, num_crops: int, device=None) -> torch.Tensor:
     shuffle hides the structure. Exact, with no rejection loop.
     """
     if batch_size < num_crops:
-        raise ValueError(f"a mosaic needs crops of {num_crops} different images but the batch holds "
-                         f"only {batch_size}; use a per-process batch of at least {num_crops} images "
-                         f"(batch_size={batch_size}, num_crops={num_crops})")
+        raise ValueError(f"a mosaic needs crops of {num_crops} different images but the batch holds only {batch_size}; "
+                         f"use a per-process batch of at least {num_crops} images (batch_size={batch_size})")
     perm = torch.randperm(batch_size, device=device)                                   # [B]
     offsets = torch.randperm(batch_size, device=device)[:num_crops]                    # [M]
     rows = torch.randperm(batch_size, device=device)                                   # [B]
     return perm[(rows[:, None] + offsets[None, :]) % batch_size]                       # [B, M]
 
 def compose(crops: torch.Tensor, sources: torch.Tensor):
-    """Tile crops [B, M, C, s, s] (M = g*g) into g x g mosaics as sources [B, M] says.
-
-    Returns mosaics [B, C, g*s, g*s], where slot j (grid row j // g, column j % g) of mosaic b holds
-    crops[sources[b, j], j], and boxes [B, M, 4] float (x1, y1, x2, y2): slot j covers [x1, x2) x [y1, y2).
-    """
+    """Tile crops [B, M, C, s, s] (M = g*g) into mosaics [B, C, g*s, g*s] as sources [B, M] says: slot j (grid row
+    j // g, column j % g) of mosaic b holds crops[sources[b, j], j]. Also returns boxes [B, M, 4], float (x1, y1,
+    x2, y2): slot j covers [x1, x2) x [y1, y2)."""
     B, M, C, s, s2 = crops.shape
     g = math.isqrt(M)
     if g * g != M or s != s2:

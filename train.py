@@ -4,14 +4,7 @@ views and M small crops per image; the mosaic is built on the device; the learne
 returns its losses; one optimizer step, one EMA step of the target. Rank 0 writes checkpoint.pth, backbone.pth
 and log.jsonl to --out. The defaults are the paper's ImageNet recipe of the chosen framework.
 """
-import argparse
-import contextlib
-import json
-import math
-import os
-import signal
-import sys
-import time
+import argparse, contextlib, json, math, os, signal, sys, time
 
 import torch
 import torch.distributed as dist
@@ -21,7 +14,8 @@ import data
 import models
 from mosaic import default_jitter, make_mosaic
 
-# Per-framework defaults; None in argparse means "take it from here".
+# Per-framework defaults (--lr is per 256 images; BYOL's ema rises to 1 on a cosine, from 0.996 beyond 300
+# epochs). None in argparse means "take it from here".
 RECIPES = {"moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=0.999, epochs=200, dim=128),
            "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99, epochs=300, dim=256)}
 # The CPU demo on CIFAR-10 (README): 64 px views leave the ImageNet stem a 2x2 C5 map to align RoIs on, at a
@@ -29,29 +23,31 @@ RECIPES = {"moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=
 DEMO = dict(framework="moco", arch="resnet18", stem="imagenet", image_size=64, crop_size=32, batch_size=128,
             epochs=1, workers=2, knn_final=True, log_every=10, out="runs/demo")
 DEMO_RECIPES = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch negatives only
-                "byol": dict(optimizer="sgd", lr=0.4, wd=1e-4, warmup_epochs=0, ema=0.99, max_steps=180)}
-# What a resumed run may change: none of these alters the steps it repeats (--epochs stretches the schedule).
-ADJUSTABLE_ON_RESUME = ("epochs", "max_steps", "workers", "amp", "data", "val_data", "log_every", "knn_every",
-                        "knn_final", "knn_samples", "resume", "demo")
+                "byol": dict(optimizer="lars", lr=5.0, warmup_epochs=0, max_steps=180)}
+# What a resumed run may change: none alters the steps it repeats (a longer --epochs stretches the schedule).
+ADJUSTABLE_ON_RESUME = "epochs max_steps workers amp data val_data log_every knn_every knn_final knn_samples demo resume"
+# What each numeric flag must be, checked before any work starts.
+RULES = [("lr temperature jitter_alpha image_size crop_size crops batch_size epochs log_every knn_samples "
+          "fake_size", lambda v: v > 0, "positive"),
+         ("wd jitter warmup_epochs queue_size workers max_steps knn_every", lambda v: v >= 0, "at least 0"),
+         ("ema", lambda v: 0 <= v <= 1, "within [0, 1]")]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--framework", choices=["moco", "byol"], default="byol")
-    p.add_argument("--views", choices=["mosaic", "multicrop", "two"], default="mosaic", help="the local views (README)")
-    data.add_data_args(p, val_help="for the k-NN monitor ")
+    p.add_argument("--views", choices=["mosaic", "multicrop", "two"], default="mosaic", help="local views (README)")
+    data.add_data_args(p)
     p.add_argument("--arch", choices=models.ARCHS, default="resnet50")
     p.add_argument("--stem", choices=models.STEMS, default="imagenet")
     p.add_argument("--crop-size", type=int, default=112, help="small crops (px)")
     p.add_argument("--crops", type=int, default=4, help="M small crops per image, a perfect square")
-    p.add_argument("--jitter", type=float, help="max mosaic shift in px, 0 = off (default: 48 px per 224 px of mosaic)")
+    p.add_argument("--jitter", type=float, help="max mosaic shift (px), 0 = off; default 48 px per 224 px of mosaic")
     p.add_argument("--jitter-alpha", type=float, default=0.5, help="Beta(alpha, alpha) of the shift")
-    p.add_argument("--epochs", type=int, help="default: moco 200, byol 300")
     p.add_argument("--batch-size", type=int, default=256, help="global batch, split across processes")
-    p.add_argument("--lr", type=float, help="base lr for batch 256 (default: moco 0.03, byol 0.3)")
-    p.add_argument("--wd", type=float, help="weight decay (default: moco 1e-4, byol 1.5e-6)")
-    p.add_argument("--optimizer", choices=["sgd", "lars"], help="default: moco sgd, byol lars")
-    p.add_argument("--warmup-epochs", type=float, help="linear lr warm-up (default: moco 0, byol 10)")
-    p.add_argument("--ema", type=float, help="target EMA momentum (default: moco 0.999; byol 0.99 cosine to 1, 0.996 over 300 epochs)")
+    for key, kind in (("epochs", int), ("lr", float), ("wd", float), ("warmup_epochs", float), ("ema", float)):
+        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"moco {RECIPES['moco'][key]}, "
+                                                                     f"byol {RECIPES['byol'][key]}")
+    p.add_argument("--optimizer", choices=["sgd", "lars"], help="moco sgd, byol lars")
     p.add_argument("--temperature", type=float, default=0.2, help="moco")
     p.add_argument("--queue-size", type=int, default=65536, help="moco negatives (0 = in-batch only)")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on CUDA, off on CPU")
@@ -61,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50, help="steps")
     p.add_argument("--knn-every", type=int, default=0, help="k-NN monitor every N epochs (0 = off)")
-    p.add_argument("--knn-final", action="store_true", help="at the end, k-NN of the backbone next to a random-init one")
+    p.add_argument("--knn-final", action="store_true", help="at the end, k-NN of the backbone and of a random init")
     p.add_argument("--knn-samples", type=int, default=10000, help="images per split for the k-NN monitor")
     p.add_argument("--demo", action="store_true", help=f"CPU demo on CIFAR-10: {DEMO} and {DEMO_RECIPES}")
     args = p.parse_args(argv)
@@ -69,12 +65,11 @@ def parse_args(argv=None):
         p.set_defaults(**DEMO)
         p.set_defaults(**DEMO_RECIPES[p.parse_args(argv).framework])
         args = p.parse_args(argv)
-        if args.data is None:
+        if args.data is None:   # the ImageFolder copy if there, else torchvision's download
             found = os.path.isdir(os.path.join(data.DEMO_FOLDER, "train"))
-            args.dataset, args.data = ("imagefolder", os.path.join(data.DEMO_FOLDER, "train")) if found else ("cifar10", "data")
-    recipe = dict(RECIPES[args.framework])
-    if args.framework == "byol" and (args.epochs or 0) > 300:
-        recipe["ema"] = 0.996   # BYOL's longer schedules start the target closer to frozen
+            args.dataset, args.data = ("imagefolder", f"{data.DEMO_FOLDER}/train") if found else ("cifar10", "data")
+    recipe = dict(RECIPES[args.framework], **({"ema": 0.996} if args.framework == "byol" and (args.epochs or 0) > 300
+                                              else {}))
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -86,16 +81,9 @@ def fail(message: str):
     """Stop with a one-line error (exit code 1): bad input is the user's to fix, not a traceback."""
     raise SystemExit(f"error: {message}")
 
-# What each numeric flag must be, checked before any work starts.
-RULES = [(names.split(), test, need) for names, test, need in [
-    ("lr temperature jitter_alpha image_size crop_size crops batch_size epochs log_every knn_samples fake_size",
-     lambda v: v > 0, "positive"),
-    ("wd jitter warmup_epochs queue_size workers max_steps knn_every", lambda v: v >= 0, "at least 0"),
-    ("ema", lambda v: 0 <= v <= 1, "within [0, 1]")]]
-
 def check_args(args, world: int):
     """Fail with a one-line fix on any flag, or combination of flags, that cannot train."""
-    for name, test, need in ((name, test, need) for names, test, need in RULES for name in names):
+    for name, test, need in ((name, test, need) for names, test, need in RULES for name in names.split()):
         if not test(getattr(args, name)):
             fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be {need}")
     g, local_batch = math.isqrt(args.crops), args.batch_size // world
@@ -103,15 +91,14 @@ def check_args(args, world: int):
         fail(f"--crops {args.crops} is not a perfect square; use 4 (2x2) or 9 (3x3)")
     if args.batch_size % world or local_batch < 2:   # BatchNorm cannot train on one sample
         fail(f"--batch-size {args.batch_size} must split evenly over {world} process(es), 2 images or more each")
-    if args.views == "mosaic":
-        if local_batch < args.crops:
-            fail(f"per-process batch {local_batch} is smaller than --crops {args.crops}: a mosaic needs crops of "
-                 f"{args.crops} different images; raise --batch-size or lower --crops")
-        if args.jitter >= args.crop_size:
-            fail(f"--jitter {args.jitter} must be smaller than --crop-size {args.crop_size}, or a crop can leave the mosaic")
-        if g * args.crop_size != args.image_size:
-            fail(f"a {g}x{g} mosaic of {args.crop_size} px crops is {g * args.crop_size} px but --image-size is "
-                 f"{args.image_size}; set --crop-size {args.image_size // g}")
+    if args.views == "mosaic" and local_batch < args.crops:
+        fail(f"per-process batch {local_batch} is smaller than --crops {args.crops}: a mosaic needs crops of "
+             f"{args.crops} different images; raise --batch-size or lower --crops")
+    if args.views == "mosaic" and args.jitter >= args.crop_size:
+        fail(f"--jitter {args.jitter} must be smaller than --crop-size {args.crop_size}: a crop could leave the mosaic")
+    if args.views == "mosaic" and g * args.crop_size != args.image_size:
+        fail(f"a {g}x{g} mosaic of {args.crop_size} px crops is {g * args.crop_size} px but --image-size is "
+             f"{args.image_size}; set --crop-size {args.image_size // g}")
     if args.framework == "moco" and 0 < args.queue_size < args.batch_size:
         fail(f"--queue-size {args.queue_size} is smaller than the global batch {args.batch_size}")
     if args.amp == "fp16" and not torch.cuda.is_available():
@@ -121,12 +108,11 @@ def check_args(args, world: int):
     except OSError as error:
         fail(f"cannot make the output folder --out {args.out} ({error.strerror or error}); choose another --out")
     if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pth")):
-        fail(f"{os.path.join(args.out, 'checkpoint.pth')} exists; pass --resume to continue it, or choose another --out")
+        fail(f"{args.out}/checkpoint.pth exists; pass --resume to continue it, or choose another --out")
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum whose step is rescaled per tensor by trust * |w| / |g + wd * w| (You et al., 2017;
-    BYOL's optimizer). Groups with lars=False (BN parameters, biases) get plain SGD without weight decay."""
-
+    """SGD with momentum whose step is rescaled per tensor by trust * |w| / |g + wd * w| (You et al., 2017; BYOL's
+    optimizer). Groups with lars=False (BN parameters, biases) get plain SGD without weight decay."""
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust, lars=True))
 
@@ -164,9 +150,10 @@ def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
         return lr, args.ema
     return lr, 1 - (1 - args.ema) * 0.5 * (1 + math.cos(math.pi * step / total))
 
-def read_resume(args, steps_per_epoch: int) -> dict:
-    """The checkpoint to continue; refused, naming the flags, when this command would not repeat the run. A note
-    lists the deliberate changes (a longer --epochs, other --workers...)."""
+def resume(args, learner, optimizer, scaler, steps_per_epoch: int) -> int:
+    """Load --out's checkpoint and return its step. Refused, naming the flags, when this command would not repeat
+    the run; a note lists deliberate changes (a longer --epochs...). log.jsonl is trimmed to the checkpoint's
+    step, so that the steps a crashed run logged after its last save are not logged twice."""
     try:
         checkpoint = models.read_checkpoint(os.path.join(args.out, "checkpoint.pth"))
         saved = checkpoint["args"]
@@ -175,7 +162,7 @@ def read_resume(args, steps_per_epoch: int) -> dict:
              f"or point --out at the run's folder")
     changed = [key for key in vars(args) if saved.get(key, getattr(args, key)) != getattr(args, key)]
     flags = lambda keys, source: " ".join(f"--{k.replace('_', '-')} {source.get(k)}" for k in keys)
-    fixed = [key for key in changed if key not in ADJUSTABLE_ON_RESUME]
+    fixed = [key for key in changed if key not in ADJUSTABLE_ON_RESUME.split()]
     fixed = ["framework"] if "framework" in fixed else fixed   # its recipe's defaults differ too
     if fixed:
         fail(f"--resume: {args.out} holds a {flags(fixed, saved)} run but this one is {flags(fixed, vars(args))}; "
@@ -185,11 +172,6 @@ def read_resume(args, steps_per_epoch: int) -> dict:
              f"{checkpoint['steps_per_epoch']}; point --data at the run's images")
     if changed:
         log(f"note: resuming with {flags(changed, vars(args))} (was {flags(changed, saved)})")
-    return checkpoint
-
-def resume(checkpoint: dict, args, learner, optimizer, scaler) -> int:
-    """Load the training state; trim log.jsonl to the checkpoint's step, so that the steps a crashed run logged
-    after its last save are not logged twice. Returns the step to continue from."""
     learner.load_state_dict(checkpoint["learner"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"] or not scaler.is_enabled():   # a bf16/off run saved no scaler state
@@ -198,8 +180,9 @@ def resume(checkpoint: dict, args, learner, optimizer, scaler) -> int:
     if models.rank() == 0 and os.path.exists(path):
         with open(path) as file:
             records = [json.loads(line) for line in file if line.strip()]
+        kept = [r for r in records if r["step"] <= checkpoint["step"] and not r.get("final")]
         with open(path, "w") as file:
-            file.writelines(json.dumps(r) + "\n" for r in records if not r.get("final") and r["step"] <= checkpoint["step"])
+            file.writelines(json.dumps(r) + "\n" for r in kept)
     return checkpoint["step"]
 
 def knn_report(trunk, args, device, baseline: bool) -> dict:
@@ -216,12 +199,12 @@ def knn_report(trunk, args, device, baseline: bool) -> dict:
     except SystemExit as error:
         log(f"k-NN skipped: {error}")
         return {}
-    keep = lambda split: torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:args.knn_samples]
-    splits = [torch.utils.data.Subset(split, keep(split).tolist()) for split in splits]
+    splits = [torch.utils.data.Subset(split, torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+                                      [:args.knn_samples].tolist()) for split in splits]
     torch.manual_seed(args.seed)   # the same random-init baseline on every rank
-    nets = {"trained": trunk, "random-init": models.Trunk(args.arch, args.stem).to(device)} if baseline else {"trained": trunk}
+    nets = {"trained": trunk, "random-init": models.Trunk(args.arch, args.stem).to(device)}
     results = {name: knn_eval(net, *splits, [20], KNN_TEMPERATURE, num_classes, 256, args.workers, device,
-                              f"k-NN {name}")[20]["top1"] for name, net in nets.items()}
+                              f"k-NN {name}")[20]["top1"] for name, net in list(nets.items())[:1 + baseline]}
     trunk.train()
     return results
 
@@ -235,9 +218,8 @@ def build_learner(args, device, world: int):
     if args.framework == "byol" and world > 1 and cuda:   # no negatives: BN statistics of the global batch matter
         learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)   # (MoCo has shuffle-BN instead)
     learner = learner.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    # Buffers are not broadcast each step: that would ship the 32 MB queue (the same on every rank anyway)
-    # around every iteration. BN running statistics may differ between ranks and do not affect training;
-    # rank 0's are exported, and knn_report broadcasts them first.
+    # No buffer broadcast each step: the 32 MB queue is the same on every rank, and BN running statistics do not
+    # affect training (rank 0's are exported; knn_report broadcasts them first).
     return learner, DistributedDataParallel(learner, device_ids=[device.index] if cuda else None,
                                             broadcast_buffers=False) if world > 1 else learner
 
@@ -264,17 +246,17 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
     loss_value, stop = status.tolist()
     if not math.isfinite(loss_value):
         saved = os.path.join(args.out, "checkpoint.pth")
-        fail(f"non-finite loss {loss_value} at step {step}; " + (f"the last checkpoint ({saved}) is intact" if os.path.exists(
-            saved) else "no checkpoint was written yet") + ". Lower --lr, or use --amp bf16/off instead of fp16")
+        fail(f"non-finite loss {loss_value} at step {step}; " + (f"the last checkpoint ({saved}) is intact"
+             if os.path.exists(saved) else "no checkpoint was written yet") + ". Lower --lr, or use --amp bf16/off")
     return losses, bool(stop)
 
 def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_step: int, lr: float, ema: float, args):
     """Append one record to log.jsonl and print it, with throughput, data wait and ETA since the last one."""
     elapsed = time.time() - meter["since"]
+    memory = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     record = {"epoch": epoch, "step": step, **{k: round(v.item(), 5) for k, v in losses.items()}, "lr": lr, "ema": ema,
               "images_per_s": round(meter["steps"] * args.batch_size / elapsed, 1),
-              "data_wait": round(meter["waited"] / elapsed, 3),
-              "max_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
+              "data_wait": round(meter["waited"] / elapsed, 3), "max_memory_gb": memory}
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
     print(f"ep {epoch} step {step}/{last_step} loss {record['loss']:.4f} (global {record['loss_global']:.4f} local "
@@ -282,16 +264,6 @@ def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_st
           f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% "
           f"eta {(last_step - step) * elapsed / meter['steps'] / 60:.1f} min", flush=True)
     meter.update(since=time.time(), waited=0.0, steps=0)
-
-def save(learner, optimizer, scaler, args, step: int, steps_per_epoch: int):
-    """Rank 0 writes checkpoint.pth and backbone.pth; a failed write (a full disk) stops with one line."""
-    if models.rank() == 0:
-        try:
-            models.save_checkpoint(args.out, learner, vars(args), optimizer=optimizer.state_dict(),
-                                   scaler=scaler.state_dict(), step=step, steps_per_epoch=steps_per_epoch)
-        except OSError as error:
-            fail(f"could not write the checkpoint to {args.out} ({error.strerror or error}); the previous one is "
-                 f"intact: free space there and rerun with --resume")
 
 def finish(learner, args, device, step: int, log_file):
     """Check that every rank holds the same weights, run the final k-NN, write the final record."""
@@ -303,53 +275,51 @@ def finish(learner, args, device, step: int, log_file):
         log("k-NN top-1 (k=20) on the val split: " + ", ".join(f"{k} {v:.2f}%" for k, v in final["knn_top1"].items()))
     if log_file:
         log_file.write(json.dumps(final) + "\n")
-    log(f"done: {step} steps; weights identical on all {len(sums)} ranks: {final['ranks_identical']}; outputs in {args.out}")
+    log(f"done: {step} steps; weights identical on all {len(sums)} ranks: {final['ranks_identical']}; in {args.out}")
 
 def log(message: str):
     if models.rank() == 0:
         print(message, flush=True)
 
 def main(argv=None) -> int:
-    """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an
-    error included, lets the loader workers end, closes the log and leaves the process group."""
+    """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an error
+    included, lets the loader workers end, closes the log and leaves the process group."""
     args = parse_args(argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    device = models.init_distributed()
-    # SIGTERM (cluster preemption) and Ctrl-C become a request that the loop polls after each step, so that
-    # it can save a checkpoint instead of dying mid-step.
+    # SIGTERM (cluster preemption) and Ctrl-C become a request that the loop polls after each step, so that it
+    # can save a checkpoint instead of dying mid-step.
     stop_signal = []
-    previous = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return train(args, device, stop_signal)
+        with models.distributed() as device:
+            return train(args, device, stop_signal)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 def train(args, device, stop_signal: list) -> int:
     """Build, then loop (step, log, epoch end), then finish. Returns 0 when done, 1 when stopped by a signal."""
-    world, amp = models.world_size(), args.amp or ("bf16" if device.type == "cuda" else "off")
+    world, rank, amp = models.world_size(), models.rank(), args.amp or ("bf16" if device.type == "cuda" else "off")
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
-    transform = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, args.crops * (args.views != "two"))
-    dataset = data.build_dataset(args.dataset, args.data, True, transform, args.image_size, args.fake_size, unlabeled=True)
+    views = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, args.crops * (args.views != "two"))
+    dataset = data.build_dataset(args.dataset, args.data, True, views, args.image_size, args.fake_size, unlabeled=True)
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} images make no full batch of {args.batch_size}; lower --batch-size")
-    checkpoint = read_resume(args, steps_per_epoch) if args.resume else None
     learner, model = build_learner(args, device, world)
     peak_lr = args.lr * args.batch_size / 256   # the linear scaling rule, applied here and only here
-    optimizer, scaler = build_optimizer(learner, args, peak_lr), torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    step = resume(checkpoint, args, learner, optimizer, scaler) if checkpoint else 0
-    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+    optimizer, scaler = build_optimizer(learner, args, peak_lr), torch.amp.GradScaler(enabled=amp == "fp16")
+    step = resume(args, learner, optimizer, scaler, steps_per_epoch) if args.resume else 0
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     log(f"{args.framework} + {args.views} views | {args.arch} ({args.stem} stem) | {len(dataset)} images | {world} "
-        f"process(es) on {device.type} | batch {args.batch_size} | {steps_per_epoch} steps/epoch | peak lr {peak_lr:.4g} "
-        f"| amp {amp} | out {args.out}")
-    with data.train_loader(dataset, args.batch_size // world, args.workers, args.seed) as loader, \
-            (open(os.path.join(args.out, "log.jsonl"), "a") if models.rank() == 0 else contextlib.nullcontext()) as log_file:
+        f"process(es) on {device.type} | batch {args.batch_size} | {steps_per_epoch} steps/epoch | peak lr "
+        f"{peak_lr:.4g} | amp {amp} | out {args.out}")
+    with data.train_loader(dataset, args.batch_size // world, args.workers, args.seed, world, rank) as loader, \
+            (open(f"{args.out}/log.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as log_file:
         learner.train()
         meter, stop = {"since": time.time(), "waited": 0.0, "steps": 0}, False
         while step < last_step and not stop:
@@ -369,9 +339,15 @@ def train(args, device, stop_signal: list) -> int:
                 if stop or step == last_step:
                     break
                 fetched = time.time()
-            save(learner, optimizer, scaler, args, step, steps_per_epoch)   # epoch end, last step or stop signal
+            try:   # at the epoch end, the last step or a stop signal
+                if rank == 0:
+                    models.save_checkpoint(args.out, learner, vars(args), optimizer=optimizer.state_dict(),
+                                           scaler=scaler.state_dict(), step=step, steps_per_epoch=steps_per_epoch)
+            except OSError as error:   # e.g. a full disk
+                fail(f"could not write the checkpoint to {args.out} ({error.strerror or error}); the previous one "
+                     f"is intact: free space there and rerun with --resume")
             if args.knn_every and step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.knn_every == 0:
-                log(f"k-NN (k=20) top-1 after epoch {step // steps_per_epoch}: {knn_report(learner.backbone, args, device, False)}")
+                log(f"k-NN top-1 (k=20), epoch {epoch + 1}: {knn_report(learner.backbone, args, device, False)}")
         if stop:
             log(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
             return 1
