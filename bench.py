@@ -25,7 +25,7 @@ from PIL import Image
 
 import data
 import models
-from mosaic import make_mosaic
+from mosaic import default_jitter, make_mosaic
 
 MODES = ("two", "multicrop", "mosaic")
 UNITS = {"byol": {"two": 8, "multicrop": 11, "mosaic": 11}, "moco": {"two": 4, "multicrop": 7, "mosaic": 7}}
@@ -46,7 +46,7 @@ def parse_args():
     p.add_argument("--image-size", type=int, help="global view side (px)")
     p.add_argument("--crop-size", type=int, help="small crop side (px); the mosaic is sqrt(M) times it")
     p.add_argument("--crops", type=int, default=4, help="M small crops per image, a perfect square")
-    p.add_argument("--jitter", type=float, help="max mosaic shift (px); default round(crop_size * 48/112)")
+    p.add_argument("--jitter", type=float, help="max mosaic shift (px); default 48 px per 224 px of mosaic")
     p.add_argument("--batch-size", type=int, help="images per step (per GPU)")
     p.add_argument("--steps", type=int, help="timed rounds; the median is reported")
     p.add_argument("--warmup", type=int, help="untimed rounds before them")
@@ -65,7 +65,8 @@ def parse_args():
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.jitter = round(args.crop_size * 48 / 112) if args.jitter is None else args.jitter
+    if args.jitter is None and args.crops > 0:
+        args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     if math.isqrt(args.crops) ** 2 != args.crops or args.batch_size < args.crops or args.warmup < 0 or args.steps < 1:
         sys.exit(f"bench.py: need a perfect square --crops (got {args.crops}), --batch-size >= --crops "
                  f"(got {args.batch_size}), --warmup >= 0 and --steps >= 1")
@@ -141,10 +142,7 @@ def bench_framework(framework, args, device, x1, x2, crops, sup_step=None):
     def local_views(mode):
         if mode != "mosaic":
             return crops if mode == "multicrop" else None
-        mosaic = make_mosaic(crops, args.jitter, 0.5)
-        if device.type == "cuda":
-            mosaic = mosaic._replace(images=mosaic.images.contiguous(memory_format=torch.channels_last))
-        return mosaic
+        return make_mosaic(crops, args.jitter)   # the trunk puts the mosaics in its weights' layout
 
     runs = {mode: (lambda mode=mode: step(x1, x2, local_views(mode))) for mode in MODES}
     if sup_step is not None:
@@ -157,7 +155,7 @@ def bench_framework(framework, args, device, x1, x2, crops, sup_step=None):
                 times[mode].append(t)
     # One more, untimed round for peak memory (its reset would slow a timed step).
     memory = {mode: peak_memory(device, run) for mode, run in runs.items()}
-    build = [timed(device, lambda: make_mosaic(crops, args.jitter, 0.5)) for _ in range(args.warmup + args.steps)]
+    build = [timed(device, lambda: make_mosaic(crops, args.jitter)) for _ in range(args.warmup + args.steps)]
     return {mode: statistics.median(t) for mode, t in times.items()}, memory, statistics.median(build[args.warmup:])
 
 

@@ -18,9 +18,11 @@ import time
 
 import torch
 
-# The CIFAR recipe [ours]: ResNet-18 with the cifar stem, 32 px views, 16 px crops, jitter 48/224 of
-# the 32 px mosaic = 7 px, batch 256. Per framework, what differs from the ImageNet defaults.
-RECIPE = ["--arch", "resnet18", "--stem", "cifar", "--image-size", "32", "--crop-size", "16", "--jitter", "7"]
+from mosaic import default_jitter
+
+# The CIFAR recipe [ours]: ResNet-18 with the cifar stem, 32 px views, 16 px crops (train.py's default jitter
+# for a 32 px mosaic, 48/224 of it, is 7 px), batch 256. Per framework, what differs from the ImageNet defaults.
+RECIPE = ["--arch", "resnet18", "--stem", "cifar", "--image-size", "32", "--crop-size", "16"]
 FRAMEWORK = {"moco": ["--lr", "0.06", "--wd", "5e-4", "--queue-size", "4096"],
              "byol": ["--lr", "1.0", "--wd", "1e-5", "--warmup-epochs", "10"]}
 RUNS = [(f, v, None) for f in ("moco", "byol") for v in ("two", "multicrop", "mosaic")] + \
@@ -57,7 +59,7 @@ def main():
     launch = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--standalone"]
                                  if args.nproc > 1 else [])
     evaluation = ["--arch", "resnet18", "--stem", "cifar", "--image-size", "32", "--dataset", "imagefolder",
-                  "--train-dir", train_dir, "--val-dir", test_dir, "--workers", str(args.workers)]
+                  "--data", train_dir, "--val-data", test_dir, "--workers", str(args.workers)]
     hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()} {platform.machine()}"
     rows = []
     with open(os.path.join(args.out, "commands.log"), "w") as log:
@@ -82,7 +84,7 @@ def main():
                     knn = json.load(f)["knn"]
                 with open(out + "/linear.json") as f:
                     linear = json.load(f)["best"]
-                rows.append({"name": name, "framework": framework, "views": views, "jitter": jitter or "7",
+                rows.append({"name": name, "framework": framework, "views": views, "jitter": jitter or str(default_jitter(32)),
                              "seed": seed, "epochs": args.epochs, "max_steps": args.max_steps,
                              "knn_top1": {k: v["top1"] for k, v in knn.items()}, "linear": linear,
                              "train_minutes": round(seconds / 60, 1), "hardware": hardware,

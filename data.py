@@ -14,7 +14,7 @@ def add_data_args(parser):
     """The data and loader flags that train.py and both evaluation scripts share."""
     parser.add_argument("--dataset", choices=DATASETS, default="imagefolder")
     parser.add_argument("--data", help="training split: ImageFolder root, or torchvision's folder for the others")
-    parser.add_argument("--val-data", help="val split's ImageFolder (for k-NN; default: val/ or test/ beside --data)")
+    parser.add_argument("--val-data", help="the val split's ImageFolder (default: val/ or test/ beside --data)")
     parser.add_argument("--image-size", type=int, default=224, help="global views and evaluation (px)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes per process")
     parser.add_argument("--fake-size", type=int, default=512, help="images in --dataset fake")
@@ -96,8 +96,8 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
         return kind(root, train=train, transform=transform, download=True)
     except Exception as error:   # no internet, a partial download, a wrong folder
         raise SystemExit(f"error: could not load {name} from {root} ({type(error).__name__}); without internet, put it "
-                         f"there yourself, or an ImageFolder copy (e.g. {DEMO_FOLDER}/{{train,test}}/<class>/*.jpg) "
-                         f"used with --dataset imagefolder") from None
+                         f"there by hand, or use an ImageFolder copy with --dataset imagefolder (--demo takes "
+                         f"{DEMO_FOLDER}/{{train,test}}/<class>/*.jpg by itself)") from None
 
 def build_splits(dataset: str, data: str, val_data, train_transform, val_transform, image_size: int, fake_size: int):
     """(train split, val split, num_classes); an ImageFolder's val split is val_data, else val/ or test/ beside data.
