@@ -25,7 +25,8 @@ DEMO = dict(framework="moco", arch="resnet18", stem="imagenet", image_size=64, c
 DEMO_RECIPES = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch negatives only
                 "byol": dict(optimizer="lars", lr=5.0, warmup_epochs=0, max_steps=180)}
 # What a resumed run may change: none alters the steps it repeats (a longer --epochs stretches the schedule).
-ADJUSTABLE_ON_RESUME = "epochs max_steps workers amp data val_data log_every knn_every knn_final knn_samples demo resume"
+ADJUSTABLE_ON_RESUME = ("epochs max_steps workers amp data val_data out log_every knn_every knn_final knn_samples demo "
+                        "resume")
 # What each numeric flag must be, checked before any work starts.
 RULES = [("lr temperature jitter_alpha image_size crop_size crops batch_size epochs log_every knn_samples "
           "fake_size", lambda v: v > 0, "positive"),
@@ -246,7 +247,7 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
     loss_value, stop = status.tolist()
     if not math.isfinite(loss_value):
         saved = os.path.join(args.out, "checkpoint.pth")
-        fail(f"non-finite loss {loss_value} at step {step}; " + (f"the last checkpoint ({saved}) is intact"
+        fail(f"non-finite loss {loss_value} at step {step + 1}; " + (f"the last checkpoint ({saved}) is intact"
              if os.path.exists(saved) else "no checkpoint was written yet") + ". Lower --lr, or use --amp bf16/off")
     return losses, bool(stop)
 
