@@ -1297,6 +1297,22 @@ def test_parse_args_recipes_and_default_jitter():
     assert train.parse_args(["--jitter", "3"]).jitter == 3
 
 
+def test_parse_args_demo_recipe_per_framework_and_its_data(tmp_path, monkeypatch):
+    """--demo: each framework's recipe (flags win; BYOL's lr leaves warm-up); data/cifar10-jpg if there, else torchvision."""
+    monkeypatch.chdir(tmp_path)
+    moco = train.parse_args(["--demo"])
+    assert (moco.framework, moco.arch, moco.image_size, moco.crop_size, moco.lr, moco.queue_size, moco.max_steps) == (
+        "moco", "resnet18", 64, 32, 0.4, 0, 180)
+    assert (moco.dataset, moco.data) == ("cifar10", "data")
+    byol = train.parse_args(["--demo", "--framework", "byol", "--max-steps", "50"])
+    assert (byol.optimizer, byol.warmup_epochs, byol.max_steps) == ("lars", 0, 50)
+    assert byol.lr == train.DEMO_RECIPES["byol"]["lr"] and byol.lr != train.RECIPES["byol"]["lr"]
+    os.makedirs(os.path.join("data", "cifar10-jpg", "train"))
+    demo = train.parse_args(["--demo"])
+    assert (demo.dataset, demo.data) == ("imagefolder", os.path.join("data", "cifar10-jpg", "train"))
+    assert train.parse_args(["--demo", "--data", "elsewhere"]).data == "elsewhere"
+
+
 # ==================================================================================================
 # eval_knn.py
 # ==================================================================================================
@@ -1757,6 +1773,18 @@ def test_bad_input_is_a_one_line_error_before_any_step(tmp_path, monkeypatch, ex
     assert not os.path.exists(os.path.join(out, "log.jsonl")) or os.path.getsize(os.path.join(out, "log.jsonl")) == 0
     if (tmp_path / "afile").exists():
         assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_demo_without_its_data_and_offline_says_how_to_provide_it(tmp_path, monkeypatch):
+    """python train.py --demo with no data/cifar10-jpg and no internet ends in one line naming data/cifar10-jpg."""
+    monkeypatch.chdir(tmp_path)
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(SystemExit) as error:
+        train.main(["--demo", "--max-steps", "1"])
+    assert_one_line_error(error.value, "could not load cifar10 from data")
+    assert "data/cifar10-jpg/{train,test}/<class>/*.jpg" in str(error.value.code)
 
 
 def test_corrupt_image_is_skipped_with_a_warning(tmp_path):
