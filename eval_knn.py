@@ -48,9 +48,9 @@ def extract_features(trunk, loader, device, name: str = "features"):
     features = [torch.zeros(0, trunk.out_channels, device=device)]
     labels = [torch.zeros(0, dtype=torch.long, device=device)]
     start = shown = time.time()
-    for images, targets in loader:
+    for images, batch_labels in loader:
         features.append(trunk.pooled(images.to(device, non_blocking=True)).float())
-        labels.append(torch.as_tensor(targets).to(device).long())
+        labels.append(torch.as_tensor(batch_labels).to(device).long())
         if rank() == 0 and time.time() - shown > 10:
             shown = time.time()
             done = sum(map(len, labels)) * world_size()

@@ -45,7 +45,7 @@ def main():
             images.append(((0.3 + 0.7 * stripes) * colour * 255).expand(3, 2 * s, 2 * s).to(torch.uint8))
     crops = torch.stack([torch.stack([crop(img) for _ in range(M)]) for img in images])  # [n, M, 3, s, s]
     max_shift = args.jitter if args.jitter is not None else default_jitter(s * int(M ** 0.5))
-    mosaic = make_mosaic(crops, max_shift, generator=generator)
+    mosaic = make_mosaic(crops, max_shift)   # grouping and jitter draw from the seeded global RNG
     drawn = []
     for b in range(n):
         rows = slice(b * M, (b + 1) * M)
