@@ -4,7 +4,7 @@ views and M small crops per image; the mosaic is built on the device; the learne
 returns its losses; one optimizer step, one EMA step of the target. Rank 0 writes checkpoint.pth, backbone.pth
 and log.jsonl to --out. The defaults are the paper's ImageNet recipe of the chosen framework.
 """
-import argparse, contextlib, json, math, os, signal, sys, time
+import argparse, contextlib, json, math, os, shutil, signal, sys, time
 
 import torch
 import torch.distributed as dist
@@ -14,8 +14,7 @@ import data
 import models
 from mosaic import default_jitter, make_mosaic
 
-# Per-framework defaults (--lr is per 256 images; BYOL's ema rises to 1 on a cosine, from 0.996 beyond 300
-# epochs). None in argparse means "take it from here".
+# Per-framework defaults, used where argparse gives None (lr per 256 images; BYOL's ema: 0.996 beyond 300 epochs).
 RECIPES = {"moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=0.999, epochs=200, dim=128),
            "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99, epochs=300, dim=256)}
 # The CPU demo on CIFAR-10 (README): 64 px views leave the ImageNet stem a 2x2 C5 map to align RoIs on, at a
@@ -127,10 +126,8 @@ class LARS(torch.optim.Optimizer):
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
                     update = update * torch.where((w_norm > 0) & (u_norm > 0), group["trust"] * w_norm / u_norm, 1.0)
                 if "momentum" not in self.state[p]:
-                    self.state[p]["momentum"] = torch.clone(update)
-                else:
-                    self.state[p]["momentum"].mul_(group["momentum"]).add_(update)
-                p.add_(self.state[p]["momentum"], alpha=-group["lr"])
+                    self.state[p]["momentum"] = torch.zeros_like(p)
+                p.add_(self.state[p]["momentum"].mul_(group["momentum"]).add_(update), alpha=-group["lr"])
 
 def build_optimizer(learner, args, lr: float):
     """SGD (momentum 0.9, wd on every parameter) or LARS (BN weights and biases excluded) over the online side."""
@@ -161,7 +158,7 @@ def resume(args, learner, optimizer, scaler, steps_per_epoch: int) -> int:
     except (ValueError, TypeError, KeyError) as error:
         fail(f"--resume: {error if isinstance(error, ValueError) else 'not a train.py checkpoint'}; drop --resume "
              f"or point --out at the run's folder")
-    changed = [key for key in vars(args) if saved.get(key, getattr(args, key)) != getattr(args, key)]
+    changed = [key for key, value in vars(args).items() if saved.get(key, value) != value and key != "resume"]
     flags = lambda keys, source: " ".join(f"--{k.replace('_', '-')} {source.get(k)}" for k in keys)
     fixed = [key for key in changed if key not in ADJUSTABLE_ON_RESUME.split()]
     fixed = ["framework"] if "framework" in fixed else fixed   # its recipe's defaults differ too
@@ -246,9 +243,7 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
         dist.all_reduce(status)
     loss_value, stop = status.tolist()
     if not math.isfinite(loss_value):
-        saved = os.path.join(args.out, "checkpoint.pth")
-        fail(f"non-finite loss {loss_value} at step {step + 1}; " + (f"the last checkpoint ({saved}) is intact"
-             if os.path.exists(saved) else "no checkpoint was written yet") + ". Lower --lr, or use --amp bf16/off")
+        fail(f"non-finite loss {loss_value} at step {step + 1}; {kept(args)}. Lower --lr, or use --amp bf16/off")
     return losses, bool(stop)
 
 def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_step: int, lr: float, ema: float, args):
@@ -278,6 +273,11 @@ def finish(learner, args, device, step: int, log_file):
         log_file.write(json.dumps(final) + "\n")
     log(f"done: {step} steps; weights identical on all {len(sums)} ranks: {final['ranks_identical']}; in {args.out}")
 
+def kept(args) -> str:
+    """What a failed run leaves behind, for its error message."""
+    path = os.path.join(args.out, "checkpoint.pth")
+    return f"the last checkpoint ({path}) is intact" if os.path.exists(path) else "no checkpoint was written yet"
+
 def log(message: str):
     if models.rank() == 0:
         print(message, flush=True)
@@ -287,8 +287,7 @@ def main(argv=None) -> int:
     included, lets the loader workers end, closes the log and leaves the process group."""
     args = parse_args(argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    # SIGTERM (cluster preemption) and Ctrl-C become a request that the loop polls after each step, so that it
-    # can save a checkpoint instead of dying mid-step.
+    # SIGTERM (preemption) and Ctrl-C become a request the loop polls after each step: it saves, then exits.
     stop_signal = []
     previous = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -344,9 +343,10 @@ def train(args, device, stop_signal: list) -> int:
                 if rank == 0:
                     models.save_checkpoint(args.out, learner, vars(args), optimizer=optimizer.state_dict(),
                                            scaler=scaler.state_dict(), step=step, steps_per_epoch=steps_per_epoch)
-            except OSError as error:   # e.g. a full disk
-                fail(f"could not write the checkpoint to {args.out} ({error.strerror or error}); the previous one "
-                     f"is intact: free space there and rerun with --resume")
+            except (OSError, RuntimeError) as error:   # a full disk: an OSError, or torch.save's RuntimeError
+                free = shutil.disk_usage(args.out).free >> 20
+                fail(f"could not write the checkpoint to {args.out} ({type(error).__name__}, {free} MB free there); "
+                     f"{kept(args)}: free space there and rerun")
             if args.knn_every and step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.knn_every == 0:
                 log(f"k-NN top-1 (k=20), epoch {epoch + 1}: {knn_report(learner.backbone, args, device, False)}")
         if stop:
