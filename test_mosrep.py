@@ -2,10 +2,12 @@
 models.py, data.py, train.py (units), eval_knn.py, eval_linear.py, train.py end to end, real CIFAR-10 end to
 end. Every test's docstring is the one spec it pins. Run: python -m pytest -q"""
 import argparse
+import ast
 import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -2071,3 +2073,26 @@ def test_end_to_end_byol_demo_learns_without_collapse(cifar, tmp_path):
     assert all(r["loss_local"] > 0 for r in steps)
     assert all(r["target_std"] > 0.2 for r in steps), [r["target_std"] for r in steps]
     assert set(final["knn_top1"]) == {"trained", "random-init"}
+
+
+# ==================================================================================================
+# README
+# ==================================================================================================
+
+def test_readme_code_links_land_in_the_functions_they_name():
+    """Every `file.py:N` link of the README's "Reading the code" table lies inside the function or class it names."""
+    with open(os.path.join(HERE, "README.md")) as file:
+        links = re.findall(r"\[`(\w+\.py):(\d+)`\]\(\1#L\2\) `([\w.]+)`", file.read())
+    assert len(links) >= 15
+    for path, line, name in links:
+        with open(os.path.join(HERE, path)) as file:
+            tree = ast.parse(file.read())
+        spans = {}
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                spans[node.name] = (node.lineno, node.end_lineno)
+                for inner in getattr(node, "body", []):
+                    if isinstance(inner, ast.FunctionDef):
+                        spans[f"{node.name}.{inner.name}"] = (inner.lineno, inner.end_lineno)
+        start, end = spans[name]
+        assert start <= int(line) <= end, (path, line, name)
