@@ -21,13 +21,12 @@ def add_data_args(parser):
 
 def view_transform(framework: str, size: int, scale, blur_p: float, solarize_p: float) -> v2.Compose:
     """One augmented view, PIL image -> [3, size, size] normalised tensor, with MoCo-v2's or BYOL's colour jitter.
-    Views under 64 px get no blur: 10 % of 32 px is a 3x3 box that only erases detail."""
+    The blur kernel is ~10 % of the side; views under 64 px get none (at 32 px it is a 3x3 box erasing detail)."""
     colour_jitter = (0.4, 0.4, 0.4, 0.1) if framework == "moco" else (0.4, 0.4, 0.2, 0.1)
     steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
              v2.RandomApply([v2.ColorJitter(*colour_jitter)], p=0.8), v2.RandomGrayscale(p=0.2)]
     if blur_p > 0 and size >= 64:
-        kernel = 2 * (size // 20) + 1   # about 10 % of the side, odd
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+        steps.append(v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
     return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])

@@ -101,10 +101,8 @@ def jitter(mosaics: torch.Tensor, boxes: torch.Tensor, max_shift: float, alpha: 
     moved_boxes = boxes + torch.stack([dx, dy, dx, dy], dim=1).to(boxes.dtype)[:, None, :]
     xs, ys = moved_boxes[..., 0::2].clamp(0, W), moved_boxes[..., 1::2].clamp(0, H)   # scalars: no host copy
     clipped = torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)     # [B, M, 4]
-    return moved, clipped, _area(clipped) / _area(boxes)
-
-def _area(boxes):
-    return (boxes[..., 2] - boxes[..., 0]).clamp_min(0) * (boxes[..., 3] - boxes[..., 1]).clamp_min(0)
+    area = lambda b: (b[..., 2] - b[..., 0]).clamp_min(0) * (b[..., 3] - b[..., 1]).clamp_min(0)   # [B, M]
+    return moved, clipped, area(clipped) / area(boxes)
 
 def make_mosaic(crops: torch.Tensor, max_shift: float, alpha: float = 0.5) -> Mosaic:
     """Small crops [B, M, C, s, s] -> Mosaic: group, compose, jitter, weight (see the module docstring)."""

@@ -199,10 +199,12 @@ def knn_report(trunk, args, device, baseline: bool) -> dict:
         return {}
     splits = [torch.utils.data.Subset(split, torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
                                       [:args.knn_samples].tolist()) for split in splits]
-    torch.manual_seed(args.seed)   # the same random-init baseline on every rank
-    nets = {"trained": trunk, "random-init": models.Trunk(args.arch, args.stem).to(device)}
+    nets = {"trained": trunk}
+    if baseline:
+        torch.manual_seed(args.seed)   # the same random-init baseline on every rank
+        nets["random-init"] = models.Trunk(args.arch, args.stem).to(device)
     results = {name: knn_eval(net, *splits, [20], KNN_TEMPERATURE, num_classes, 256, args.workers, device,
-                              f"k-NN {name}")[20]["top1"] for name, net in list(nets.items())[:1 + baseline]}
+                              f"k-NN {name}")[20]["top1"] for name, net in nets.items()}
     trunk.train()
     return results
 
