@@ -59,17 +59,22 @@ def extract_features(trunk, loader, device, name: str = "features"):
     gather = lambda x: gather_all(torch.cat(x)).unflatten(0, (world_size(), -1)).transpose(0, 1).flatten(0, 1)
     return gather(features)[:len(loader.dataset)], gather(labels)[:len(loader.dataset)]
 
-def knn_predict(train_features, train_labels, test_features, k: int, temperature: float, num_classes: int,
-                chunk_size: int = 256) -> torch.Tensor:
-    """train_features [N, C], train_labels [N], test_features [M, C] -> scores [M, num_classes]: sum of exp(cos / T)
-    over the k (<= N) nearest train rows of each class; fp32, normalised here, chunk_size test rows at a time."""
+def knn_scores(train_features, train_labels, test_features, ks, temperature: float, num_classes: int,
+               chunk_size: int = 256) -> list:
+    """train_features [N, C], train_labels [N], test_features [M, C] -> per k, scores [M, classes]: sum of exp(cos / T)
+    over the k (<= N) nearest train rows of each class. fp32, normalised here; one pass serves every k."""
     train, labels = F.normalize(train_features.float(), dim=1), train_labels.to(train_features.device)
-    scores = [torch.zeros(0, num_classes, device=train.device)]
+    ks, scores = [min(k, len(train)) for k in ks], [[torch.zeros(0, num_classes, device=train.device)] for _ in ks]
     for chunk in F.normalize(test_features.float(), dim=1).split(chunk_size):
-        similarities, index = (chunk @ train.T).topk(min(k, len(train)), dim=1)   # of ties at the k-th, topk's pick
-        votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
-        scores.append(votes.scatter_add_(1, labels[index], (similarities / temperature).exp()))
-    return torch.cat(scores)
+        similarities, index = (chunk @ train.T).topk(max(ks), dim=1)   # of ties at the k-th place, topk's pick
+        weights, votes = (similarities / temperature).exp(), labels[index]
+        for k, per_k in zip(ks, scores):
+            per_k.append(chunk.new_zeros(len(chunk), num_classes).scatter_add_(1, votes[:, :k], weights[:, :k]))
+    return [torch.cat(per_k) for per_k in scores]
+
+def knn_predict(train_features, train_labels, test_features, k: int, temperature: float, num_classes: int,
+                chunk_size: int = 256) -> torch.Tensor:   # the scores of knn_scores for one k
+    return knn_scores(train_features, train_labels, test_features, [k], temperature, num_classes, chunk_size)[0]
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor):
     """scores [N, K], labels [N] -> (top-1 %, top-5 %). Top-5 is top-K when K < 5; of tied scores the lower class
@@ -79,12 +84,10 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor):
 
 def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, temperature: float,
                  num_classes: int, chunk_size: int = 256) -> dict:
-    """{k: {"top1": %, "top5": %}} for every k in ks (a repeated k counts once); shapes as knn_predict."""
-    results = {}
-    for k in dict.fromkeys(ks):
-        scores = knn_predict(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size)
-        results[k] = dict(zip(("top1", "top5"), accuracy(scores, test_labels)))
-    return results
+    """{k: {"top1": %, "top5": %}} for every k in ks (a repeated k counts once); shapes as knn_scores."""
+    ks = list(dict.fromkeys(ks))
+    scores = knn_scores(train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size)
+    return {k: dict(zip(("top1", "top5"), accuracy(per_k, test_labels))) for k, per_k in zip(ks, scores)}
 
 def knn_eval(trunk, train_set, val_set, ks, temperature: float, num_classes: int, batch_size: int, workers: int,
              device, name: str = "k-NN") -> dict:

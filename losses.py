@@ -18,11 +18,9 @@ import torch.nn.functional as F
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
              weights: Optional[torch.Tensor] = None, queue: Optional[torch.Tensor] = None,
              temperature: float = 0.2) -> torch.Tensor:
-    """Contrastive loss of each query against all keys and the queue (negatives only).
-
-    queue [Q, D] or None. logits = [q @ keys.T, q @ queue.T] / temperature, [N, K+Q]; the positive of
-    query n is column positives[n] (< K). Returns mean(weights * cross-entropy).
-    """
+    """Contrastive loss of each query against all keys and the queue [Q, D] or None (negatives only): logits =
+    [q @ keys.T, q @ queue.T] / temperature, [N, K+Q]; query n's positive is column positives[n] (< K). Returns
+    mean(weights * cross-entropy)."""
     with torch.autocast(queries.device.type, enabled=False):   # else the matmuls run in bf16/fp16 anyway
         q = F.normalize(queries.float(), dim=1)                                 # [N, D]
         k = F.normalize(keys.detach().float(), dim=1)                           # [K, D]

@@ -240,7 +240,7 @@ class MoCo(_Learner):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, local=None) -> dict:
         """x1: query view, x2: key view [B, 3, S, S]; local: Mosaic, crops or None."""
         B, T = x1.shape[0], self.temperature
-        queue = self.queue.clone() if self.queue.shape[0] else None               # [Q, D] negatives
+        queue = self.queue if self.queue.shape[0] else None   # [Q, D]; info_nce reads a normalised copy
         own = rank() * B + torch.arange(B, device=x1.device)                     # my images' rows in `keys`
         keys = self.keys(x2)                                                      # [B*world, D]
         # L_global = CE([q.K^T, q.queue^T] / T, own index), q = online(x1), K = keys of the global batch
