@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 import models
+from augment import augment
 from mosaic import default_jitter, make_mosaic
 
 # Per-framework defaults, used where argparse gives None (lr per 256 images; BYOL's ema: 0.996 beyond 300 epochs).
@@ -230,7 +231,11 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
     # Every random choice of the step (mosaic grouping, jitter, shuffle-BN order) is a function of
     # (seed, step, rank), so a resumed run repeats an uninterrupted one.
     torch.manual_seed(args.seed * 1_000_003 + step * 1009 + models.rank())
-    x1, x2, crops = (t.to(device, non_blocking=True) for t in (x1, x2, crops))   # crops [B, M, 3, s, s]
+    x1, x2, crops = (t.to(device, non_blocking=True) for t in (x1, x2, crops))   # uint8; crops [B, M, 3, s, s]
+    # The loader only cropped and flipped: colour, blur, solarize and normalisation run here, batched (augment.py).
+    x1, x2 = augment(x1, args.framework, "x1"), augment(x2, args.framework, "x2")
+    if crops.shape[1]:
+        crops = augment(crops.flatten(0, 1), args.framework, "crops").unflatten(0, crops.shape[:2])
     local = {"two": None, "multicrop": crops}.get(args.views)
     if args.views == "mosaic":   # built here, on the device: grouping crops across images needs the batch
         local = make_mosaic(crops, args.jitter, args.jitter_alpha)
