@@ -6,9 +6,12 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-DATASETS = ("imagefolder", "cifar10", "cifar100", "stl10", "fake")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet statistics, used for every dataset
+import augment
+from augment import MEAN, STD
+
+DATASETS = ("imagefolder", "imagenet100", "cifar10", "cifar100", "stl10", "fake")
 DEMO_FOLDER = os.path.join("data", "cifar10-jpg")          # the demo's CIFAR-10 as an ImageFolder tree
+IMAGENET100 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet100.txt")   # CMC's 100 classes
 
 def add_data_args(parser):
     """The data and loader flags that train.py and both evaluation scripts share."""
@@ -19,34 +22,28 @@ def add_data_args(parser):
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes per process")
     parser.add_argument("--fake-size", type=int, default=512, help="images in --dataset fake")
 
-def view_transform(framework: str, size: int, scale, blur_p: float, solarize_p: float) -> v2.Compose:
-    """One augmented view, PIL image -> [3, size, size] normalised tensor, with MoCo-v2's or BYOL's colour jitter.
-    The blur kernel is ~10 % of the side; views under 64 px get none (at 32 px it is a 3x3 box erasing detail)."""
-    colour_jitter = (0.4, 0.4, 0.4, 0.1) if framework == "moco" else (0.4, 0.4, 0.2, 0.1)
-    steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
-             v2.RandomApply([v2.ColorJitter(*colour_jitter)], p=0.8), v2.RandomGrayscale(p=0.2)]
-    if blur_p > 0 and size >= 64:
-        steps.append(v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=blur_p))
-    if solarize_p > 0:
-        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+def view_transform(size: int, scale) -> v2.Compose:
+    """The loader's half of a view: PIL image -> RandomResizedCrop(size, scale) + flip -> uint8 [3, size, size].
+    The photometric half (colour, blur, solarize, normalisation) runs batched on the device: augment.py."""
+    return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
+                       v2.PILToTensor()])
+
 
 class MultiViewTransform:
-    """PIL image -> (global view x1 [3, S, S], global view x2 [3, S, S], small crops [M, 3, s, s]). MoCo-v2's
-    global views are alike (scale (0.2, 1), blur 0.5), BYOL's asymmetric (scale (0.08, 1), blur 1.0 / 0.1,
-    solarize 0 / 0.2). The crops are RandomResizedCrop(s, scale=(0.1, 0.6)) with the framework's colour
-    augmentations; with num_crops = 0 they are an empty [0, 3, s, s]: the two-view baseline pays for none."""
+    """PIL image -> uint8 (global view x1 [3, S, S], global view x2 [3, S, S], small crops [M, 3, s, s]), cropped
+    with the scale ranges of augment.RECIPES[framework]; train.py's step finishes them with augment.augment. With
+    num_crops = 0 the crops are an empty [0, 3, s, s]: the two-view baseline pays for none."""
     def __init__(self, framework: str, image_size: int, crop_size: int, num_crops: int):
-        moco = framework == "moco"
-        scale, blur, solarize = ((0.2, 1.0), (0.5, 0.5), (0, 0)) if moco else ((0.08, 1.0), (1.0, 0.1), (0, 0.2))
-        self.view1, self.view2 = (view_transform(framework, image_size, scale, b, s) for b, s in zip(blur, solarize))
-        self.small = view_transform(framework, crop_size, (0.1, 0.6), 0.5, 0.0)
+        recipe = augment.RECIPES[framework]
+        self.view1, self.view2 = (view_transform(image_size, recipe[view].scale) for view in ("x1", "x2"))
+        self.small = view_transform(crop_size, recipe["crops"].scale)
         self.num_crops, self.crop_size = num_crops, crop_size
 
     def __call__(self, image):
         crops = [self.small(image) for _ in range(self.num_crops)]
-        crops = torch.stack(crops) if crops else torch.empty(0, 3, self.crop_size, self.crop_size)
+        crops = torch.stack(crops) if crops else torch.empty(0, 3, self.crop_size, self.crop_size, dtype=torch.uint8)
         return self.view1(image), self.view2(image), crops
+
 
 def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
     """Evaluation view: resize (to 8/7 of the size above 64 px) + centre crop; with augment RandomResizedCrop + flip."""
@@ -67,21 +64,36 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
                 warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {error}")
         raise RuntimeError(f"no readable image among the {len(self.samples)} files")
 
+class ImageNet100(SafeImageFolder):
+    """ImageNet's train or val folder restricted to the 100 classes of imagenet100.txt, indexed in sorted synset
+    order as ImageFolder would. Only those 100 folders are looked at: the other 900 are never listed or opened
+    (ImageFolder walks only the classes find_classes returns), so start-up stays fast on a network file system."""
+    def find_classes(self, directory):
+        with open(IMAGENET100) as file:
+            classes = sorted(line.strip() for line in file if line.strip() and not line.startswith("#"))
+        missing = [name for name in classes if not os.path.isdir(os.path.join(directory, name))]
+        if missing:
+            raise SystemExit(f"error: {len(missing)} of the 100 ImageNet-100 classes are missing under {directory}, "
+                             f"e.g. {missing[0]}; point --data (or --val-data) at ImageNet's train (or val) folder, "
+                             f"one folder per synset")
+        return classes, {name: index for index, name in enumerate(classes)}
+
 def build_dataset(name: str, root: str, train: bool, transform, image_size: int = 224, fake_size: int = 512,
                   unlabeled: bool = False):
-    """One split: imagefolder (`root` holds a folder per class), cifar10 / cifar100 / stl10 (torchvision's, downloaded
-    into `root` when missing; unlabeled adds STL-10's 100k) or fake. SystemExit with a one-line fix if unusable."""
+    """One split: imagefolder (`root` holds a folder per class), imagenet100 (ImageNet100 of `root`), cifar10 /
+    cifar100 / stl10 (torchvision's, downloaded into `root` when missing; unlabeled adds STL-10's 100k) or fake.
+    SystemExit with a one-line fix if unusable."""
     if name == "fake":
         size = fake_size if train else max(fake_size // 4, 16)
         return torchvision.datasets.FakeData(size, (3, image_size, image_size), 10, transform,
                                              random_offset=0 if train else 10**6)
     if not root:
         raise SystemExit(f"error: --data is required for --dataset {name}: point it at the dataset's folder")
-    if name == "imagefolder":
+    if name in ("imagefolder", "imagenet100"):
         if not os.path.isdir(root):
             raise SystemExit(f"error: data folder {root} does not exist; pass --data DIR with one folder per class")
         try:
-            folder = SafeImageFolder(root, transform)
+            folder = (ImageNet100 if name == "imagenet100" else SafeImageFolder)(root, transform)
             folder[0]   # now, not at step 1: a folder of only corrupt files stops before any work
             return folder
         except (FileNotFoundError, RuntimeError) as error:   # no class folders, no images, none readable
@@ -102,7 +114,7 @@ def build_splits(dataset: str, data: str, val_data, train_transform, val_transfo
     """(train split, val split, num_classes); an ImageFolder's val split is val_data, else val/ or test/ beside data.
     One-line SystemExit when a split is missing or the splits' classes differ."""
     val_root = data
-    if dataset == "imagefolder":
+    if dataset in ("imagefolder", "imagenet100"):
         beside = [os.path.join(os.path.dirname(os.path.abspath(data or ".")), name) for name in ("val", "test")]
         val_root = val_data or next((path for path in beside if os.path.isdir(path)), None)
         if val_root is None:
