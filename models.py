@@ -1,8 +1,10 @@
 """Networks of MosRep: a torchvision ResNet trunk, the RoI head, the MoCo-v2 and BYOL learners, and their
-checkpoints. Imports only torch, torchvision and the Mosaic type. A learner's forward takes the global views
+checkpoints. Imports only torch, torchvision, mixture.py and the Mosaic type. A learner's forward takes the global views
 x1, x2 [B, 3, S, S] and the local views: a Mosaic (MosRep), crops [B, M, 3, s, s] (the multi-crop baseline) or
-None (two views); it returns the scalars {loss, loss_global, loss_local, target_std}. The same code runs in one
-process and under DDP: the cross-process steps (gathering keys, shuffle-BN) do nothing without a process group.
+None (two views); it returns the scalars {loss, loss_global, loss_local, loss_mix, target_std}. `mix` adds one of the
+image mixtures of mixture.py inside the forward: "flatten" (Un-Mix) mixes the online branch's global views, "cutmix"
+(mix-ssl, MoCo only) adds loss_mix. The same code runs in one process and under DDP: the cross-process steps
+(gathering keys, shuffle-BN) do nothing without a process group.
 """
 import contextlib, copy, math, os
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.ops import roi_align
 
+import mixture
 from losses import byol_loss, info_nce
 from mosaic import Mosaic
 
@@ -136,6 +139,14 @@ class Encoder(nn.Module):
         embeddings = self(local.flatten(0, 1))                                       # [B*M, D], row b*M+j
         return embeddings, torch.arange(B, device=local.device).repeat_interleave(M), None
 
+    def embed_boxes(self, images: torch.Tensor, boxes: torch.Tensor):
+        """Images [N, 3, H, W] and boxes [N, 4] (image px) -> (whole, inside, outside) embeddings [N, D] each, from one
+        trunk pass: the head's conv-BN-ReLU map pooled over all cells, over the box and outside it (box_means). The
+        three share one MLP call, the same as three calls for an MLP without BN (MoCo's)."""
+        feature_map = self.head[:3](self.trunk(images))                              # [N, C, h, w]
+        inside, outside = mixture.box_means(feature_map, boxes, self.trunk.stride)    # [N, C] each
+        return self.head[-1](torch.cat([feature_map.mean(dim=(2, 3)), inside, outside])).chunk(3)
+
 @contextlib.contextmanager
 def distributed():
     """Yields this process's device, having joined torchrun's process group when it set RANK (nccl on CUDA, gloo
@@ -170,9 +181,20 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
 
 class _Learner(nn.Module):
     """What both learners share: an online encoder, its EMA copy (the target), the exported backbone."""
-    def __init__(self, online: Encoder):
+    mixes = ("off", "flatten")
+
+    def __init__(self, online: Encoder, mix="off", mix_global_p=0.5, mix_region_p=0.25, mix_weight=0.5):
+        """mix: "off", "flatten" (mixture.flatten of the online views, a row mixed globally with probability
+        mix_global_p or by regions with mix_region_p) or, for MoCo, "cutmix" (MoCo.cutmix_loss, lambda = mix_weight)."""
         super().__init__()
+        if mix not in self.mixes:
+            raise ValueError(f"{type(self).__name__} takes mix in {self.mixes}, not {mix!r}")
         self.online, self.target = online, copy.deepcopy(online).requires_grad_(False)
+        self.mix, self.mix_p, self.mix_weight = mix, (mix_global_p, mix_region_p), mix_weight
+
+    def flatten(self, images: torch.Tensor) -> torch.Tensor:
+        """The online branch's view [B, 3, S, S]: Un-Mix's flattened images when mix == "flatten", else unchanged."""
+        return mixture.flatten(images, *self.mix_p) if self.mix == "flatten" else images
 
     @property
     def backbone(self) -> Trunk:   # the online trunk: what training exports and evaluation measures
@@ -185,86 +207,117 @@ class _Learner(nn.Module):
         torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), 1.0 - ema)
 
     @staticmethod
-    def _report(loss_global, loss_local, keys):
+    def _report(loss_global, loss_local, loss_mix, keys):
         """The loss, and detached figures to log. target_std (per-dimension std of the L2-normalised target embeddings,
         times sqrt(D)) is ~1 when they spread over the sphere, 0 when they collapse to one point."""
         keys = F.normalize(keys.detach().float(), dim=1)
-        return {"loss": loss_global + loss_local, "loss_global": loss_global.detach(),
-                "loss_local": loss_local.detach(), "target_std": keys.std(dim=0).mean() * keys.shape[1] ** 0.5}
+        return {"loss": loss_global + loss_local + loss_mix, "loss_global": loss_global.detach(),
+                "loss_local": loss_local.detach(), "loss_mix": loss_mix.detach(),
+                "target_std": keys.std(dim=0).mean() * keys.shape[1] ** 0.5}
 
 class MoCo(_Learner):
     """MoCo-v2 with MosRep's local views (the released code's framework). The query encoder embeds x1 and the
     local views, the EMA key encoder x2. Every query (global view or crop) is contrasted with the keys of the
-    whole global batch and the queue; its own image's key is the positive."""
+    whole global batch and the queue; its own image's key is the positive. mix="cutmix" adds mix-ssl's loss
+    (cutmix_loss) and its two queues of local and global keys."""
+    mixes, queues = ("off", "flatten", "cutmix"), ("queue", "queue_local", "queue_global")
+
     def __init__(self, arch="resnet50", stem="imagenet", dim=128, queue_size=65536, temperature=0.2,
-                 roi_size=7, min_shuffle_chunk=16):
+                 roi_size=7, min_shuffle_chunk=16, **mixing):   # mixing: mix, mix_global_p... (_Learner)
         trunk = Trunk(arch, stem)
-        super().__init__(Encoder(trunk, trunk.out_channels, dim, mlp_batch_norm=False, roi_size=roi_size))
+        super().__init__(Encoder(trunk, trunk.out_channels, dim, mlp_batch_norm=False, roi_size=roi_size), **mixing)
         self.temperature, self.min_shuffle_chunk = temperature, min_shuffle_chunk
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))   # [Q, D]
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        for name in self.queues[:3 if self.mix == "cutmix" else 1]:
+            self.register_buffer(name, F.normalize(torch.randn(queue_size, dim), dim=1))   # [Q, D]
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))   # one pointer: the queues fill in step
 
     @torch.no_grad()
-    def keys(self, x2: torch.Tensor) -> torch.Tensor:
-        """Key embeddings of the whole global batch, L2-normalised: [B*world, D] in rank order.
+    def keys(self, x2: torch.Tensor, boxes=None) -> torch.Tensor:
+        """Key embeddings of the whole global batch, L2-normalised: [B*world, D] in rank order. With boxes [B, 4]
+        (cutmix), the target's (inside, outside) box embeddings instead (Encoder.embed_boxes): [B*world, 2D].
 
         Shuffle-BN: a key batch-normalised with the other views of its own batch would let BN statistics leak
         which samples belong together, and the model could find its positive by that leak instead of by
         content. So keys are computed on a random permutation of the global batch spread over the processes;
         in one process, the permuted batch is split into chunks of >= min_shuffle_chunk images."""
         world, B = world_size(), x2.shape[0]
-        images = gather_all(x2)                                                   # [B*world, ...]
+        images, boxes = gather_all(x2), None if boxes is None else gather_all(boxes)   # [B*world, ...]
         perm = torch.randperm(images.shape[0], device=x2.device)
         if world > 1:
             dist.broadcast(perm, src=0)
-        mine = images[perm[rank() * B:(rank() + 1) * B]]                          # [B, ...]
+        mine = perm[rank() * B:(rank() + 1) * B]                                  # [B] rows of the global batch
         chunks = max(1, min(8, B // self.min_shuffle_chunk)) if world == 1 else 1
-        shuffled = torch.cat([self.target(c) for c in mine.chunk(chunks)])        # [B, D]
-        shuffled = gather_all(F.normalize(shuffled.float(), dim=1))               # [B*world, D]
+        encode = lambda rows: (self.target(images[rows])[:, None] if boxes is None                 # [n, 1, D]
+                               else torch.stack(self.target.embed_boxes(images[rows], boxes[rows])[1:], dim=1))
+        shuffled = torch.cat([encode(rows) for rows in mine.chunk(chunks)])       # [B, 1 or 2, D]
+        shuffled = gather_all(F.normalize(shuffled.float(), dim=2).flatten(1))    # [B*world, D or 2D]
         keys = torch.empty_like(shuffled)
         keys[perm] = shuffled                                                     # undo the permutation
         return keys
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor):
-        """Write keys [n, D] into the ring buffer at the pointer, wrapping around its end."""
+    def enqueue(self, keys: torch.Tensor, *more):
+        """Write keys [n, D] into the ring buffer at the pointer, wrapping around its end; more (cutmix's local and
+        global keys, [n, D] each) into queue_local and queue_global at the same slots."""
         n, size = keys.shape[0], self.queue.shape[0]
         if size == 0:
             return
         if n > size:
             raise ValueError(f"the queue ({size}) is smaller than the global batch ({n}); raise --queue-size")
         slots = (self.queue_ptr + torch.arange(n, device=keys.device)) % size
-        self.queue[slots] = keys.to(self.queue.dtype)
+        for name, rows in zip(self.queues, (keys, *more)):
+            getattr(self, name)[slots] = rows.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, local=None) -> dict:
-        """x1: query view, x2: key view [B, 3, S, S]; local: Mosaic, crops or None."""
+        """x1: query view, x2: key view [B, 3, S, S]; local: Mosaic, crops or None. mix="flatten" flattens x1 (drawn
+        first; the keys stay unmixed, the positives unchanged); "cutmix" adds loss_mix (cutmix_loss)."""
         B, T = x1.shape[0], self.temperature
         queue = self.queue if self.queue.shape[0] else None   # [Q, D]; info_nce reads a normalised copy
         own = rank() * B + torch.arange(B, device=x1.device)                     # my images' rows in `keys`
+        query = self.flatten(x1)
         keys = self.keys(x2)                                                      # [B*world, D]
         # L_global = CE([q.K^T, q.queue^T] / T, own index), q = online(x1), K = keys of the global batch
-        loss_global = info_nce(self.online(x1), keys, own, queue=queue, temperature=T)
+        loss_global = info_nce(self.online(query), keys, own, queue=queue, temperature=T)
         loss_local = torch.zeros((), device=x1.device)
+        loss_mix, more_keys = self.cutmix_loss(x1, x2, keys, own) if self.mix == "cutmix" else (loss_local, ())
         if local is not None:
             # L_local = mean over crops c of w_c * CE([z_c.K^T, z_c.queue^T] / T, index of c's source image)
             z, sources, weights = self.online.embed_local(local)                  # [B*M, D]
             loss_local = info_nce(z, keys, rank() * B + sources, weights, queue=queue, temperature=T)
-        self.enqueue(keys)
-        return self._report(loss_global, loss_local, keys)
+        self.enqueue(keys, *more_keys)
+        return self._report(loss_global, loss_local, loss_mix, keys)
+
+    def cutmix_loss(self, x1: torch.Tensor, x2: torch.Tensor, keys: torch.Tensor, own: torch.Tensor):
+        """mix-ssl's Approach 1 (eq. 3-7) beside L_original: x1 and x2 [B, 3, S, S] swap one random box each
+        (area U[0.25, 0.75]). q^M, q^L, q^G: online(x1m) pooled whole / inside / outside (one pass); k^L, k^G:
+        target(x2m) inside / outside (one pass, keys() handling). Returns (lam L_mixed + (1 - lam)(L_L<->G + L_L<->L
+        + L_G<->G), (k^L, k^G) to enqueue), each term an InfoNCE with the own image positive: L_mixed (q^M, keys of
+        x2, queue), L_L<->L (q^L, k^L, queue_local), L_G<->G (q^G, k^G, queue_global), L_L<->G (q^L, k^G,
+        queue_global)."""
+        boxes = mixture.random_boxes(x1.shape[0], *x1.shape[2:], 0.25, 0.75, x1.device)
+        x1m, x2m = mixture.cutmix(x1, x2, boxes)
+        q_mixed, q_local, q_global = self.online.embed_boxes(x1m, boxes)
+        k_local, k_global = self.keys(x2m, boxes).chunk(2, dim=1)
+        queue, local_queue, global_queue = (getattr(self, name) if len(self.queue) else None for name in self.queues)
+        nce = lambda q, k, negatives: info_nce(q, k, own, queue=negatives, temperature=self.temperature)
+        return (self.mix_weight * nce(q_mixed, keys, queue) + (1 - self.mix_weight) * (
+            nce(q_local, k_global, global_queue) + nce(q_local, k_local, local_queue)
+            + nce(q_global, k_global, global_queue)), (k_local, k_global))
 
 class BYOL(_Learner):
     """BYOL with MosRep's local views. Online = trunk -> projector head -> predictor; target = EMA of trunk +
     head (no predictor). Each global view predicts the other's target embedding; each crop predicts both
     target embeddings of its source image."""
-    def __init__(self, arch="resnet50", stem="imagenet", dim=256, hidden_dim=4096, roi_size=7):
-        super().__init__(Encoder(Trunk(arch, stem), hidden_dim, dim, mlp_batch_norm=True, roi_size=roi_size))
+    def __init__(self, arch="resnet50", stem="imagenet", dim=256, hidden_dim=4096, roi_size=7, **mixing):
+        super().__init__(Encoder(Trunk(arch, stem), hidden_dim, dim, mlp_batch_norm=True, roi_size=roi_size), **mixing)
         self.predictor = mlp(dim, hidden_dim, dim, batch_norm=True)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, local=None) -> dict:
-        """x1, x2: the two global views [B, 3, S, S]; local: Mosaic, crops or None."""
+        """x1, x2: the two global views [B, 3, S, S]; local: Mosaic, crops or None. mix="flatten" flattens both online
+        views; the targets encode the unmixed x1, x2, and the positives are unchanged."""
         own = torch.arange(x1.shape[0], device=x1.device)
-        p1, p2 = self.predictor(self.online(x1)), self.predictor(self.online(x2))  # [B, D] each
+        p1, p2 = (self.predictor(self.online(self.flatten(x))) for x in (x1, x2))  # [B, D] each
         with torch.no_grad():
             z1, z2 = self.target(x1), self.target(x2)                              # [B, D] each
         # L_global = l(p1, z2) + l(p2, z1) with l(p, z) = 2 - 2 cos(p, sg(z)): a sum over the two views,
@@ -276,4 +329,4 @@ class BYOL(_Learner):
             p = self.predictor(z)                                                  # [B*M, D]
             # L_local = mean over crops c of w_c * (l(p_c, z1[src_c]) + l(p_c, z2[src_c]))
             loss_local = byol_loss(p, z1, sources, weights) + byol_loss(p, z2, sources, weights)
-        return self._report(loss_global, loss_local, torch.cat([z1, z2]))
+        return self._report(loss_global, loss_local, torch.zeros_like(loss_global), torch.cat([z1, z2]))

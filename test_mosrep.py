@@ -909,7 +909,7 @@ def test_moco_forward_losses_match_hand_computation(local_mode, device):
             z, src, w = learner.online.embed_local(local)
             expected_local = losses.info_nce(z, k, src, w, queue=queue, temperature=0.2)
         out = learner(x1, x2, local)
-    assert set(out) == {"loss", "loss_global", "loss_local", "target_std"}
+    assert set(out) == {"loss", "loss_global", "loss_local", "loss_mix", "target_std"}
     assert all(v.dim() == 0 for v in out.values())
     torch.testing.assert_close(out["loss_global"], expected_global, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["loss_local"], expected_local.float(), rtol=1e-5, atol=1e-5)
@@ -939,7 +939,7 @@ def test_byol_forward_losses_match_hand_computation(local_mode, device):
             p = learner.predictor(z)
             expected_local = losses.byol_loss(p, z1, src, w) + losses.byol_loss(p, z2, src, w)
         out = learner(x1, x2, local)
-    assert set(out) == {"loss", "loss_global", "loss_local", "target_std"}
+    assert set(out) == {"loss", "loss_global", "loss_local", "loss_mix", "target_std"}
     torch.testing.assert_close(out["loss_global"], expected_global, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["loss_local"], expected_local.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["loss"], out["loss_global"] + out["loss_local"])
@@ -966,15 +966,16 @@ def test_target_std_is_the_spread_of_the_normalised_target_embeddings(framework)
 
 
 def test_report_target_std_is_one_for_isotropic_and_zero_for_collapsed_embeddings():
-    """_Learner._report: target_std ~1 for random isotropic embeddings, 0 for identical ones; loss = global + local."""
+    """_Learner._report: target_std ~1 for isotropic embeddings, 0 for identical ones; loss = global + local + mix."""
     g = torch.Generator().manual_seed(32)
     isotropic = 5 * torch.randn(8192, 64, generator=g)
-    report = models._Learner._report(torch.tensor(1.5, requires_grad=True), torch.tensor(0.25), isotropic)
+    report = models._Learner._report(torch.tensor(1.5, requires_grad=True), torch.tensor(0.25), torch.tensor(0.125),
+                                     isotropic)
     assert report["target_std"].item() == pytest.approx(1.0, abs=0.02)
-    assert report["loss"].item() == 1.75 and report["loss"].requires_grad
+    assert report["loss"].item() == 1.875 and report["loss"].requires_grad and report["loss_mix"].item() == 0.125
     assert not report["loss_global"].requires_grad
     collapsed = torch.randn(1, 64, generator=g).expand(100, 64)
-    report = models._Learner._report(torch.tensor(1.0), torch.tensor(0.0), collapsed)
+    report = models._Learner._report(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0), collapsed)
     assert report["target_std"].item() == pytest.approx(0.0, abs=1e-6)
 
 

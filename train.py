@@ -31,7 +31,7 @@ ADJUSTABLE_ON_RESUME = ("epochs max_steps workers amp data val_data out log_ever
 RULES = [("lr temperature jitter_alpha image_size crop_size crops batch_size epochs log_every knn_samples "
           "fake_size", lambda v: v > 0, "positive"),
          ("wd jitter warmup_epochs queue_size workers max_steps knn_every", lambda v: v >= 0, "at least 0"),
-         ("ema", lambda v: 0 <= v <= 1, "within [0, 1]")]
+         ("ema mix_global_p mix_region_p mix_weight", lambda v: 0 <= v <= 1, "within [0, 1]")]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["sgd", "lars"], help="moco sgd, byol lars")
     p.add_argument("--temperature", type=float, default=0.2, help="moco")
     p.add_argument("--queue-size", type=int, default=65536, help="moco negatives (0 = in-batch only)")
+    p.add_argument("--mix", choices=models.MoCo.mixes, default="off", help="image mixture (README)")
+    p.add_argument("--mix-global-p", type=float, default=0.5, help="flatten: share of images mixed globally")
+    p.add_argument("--mix-region-p", type=float, default=0.25, help="flatten: share of images mixed by regions")
+    p.add_argument("--mix-weight", type=float, default=0.5, help="cutmix: lambda, the weight of L_mixed")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on CUDA, off on CPU")
     p.add_argument("--out", default="runs/mosrep", help="folder for checkpoint.pth, backbone.pth, log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pth")
@@ -100,6 +104,11 @@ def check_args(args, world: int):
     if args.views == "mosaic" and g * args.crop_size != args.image_size:
         fail(f"a {g}x{g} mosaic of {args.crop_size} px crops is {g * args.crop_size} px but --image-size is "
              f"{args.image_size}; set --crop-size {args.image_size // g}")
+    if args.mix == "cutmix" and args.framework != "moco":
+        fail("--mix cutmix is defined for MoCo only (mix-ssl, Approach 1); use --framework moco or --mix flatten")
+    if args.mix == "flatten" and (local_batch < 5 or args.mix_global_p + args.mix_region_p > 1):
+        fail(f"--mix flatten needs 5 images or more per process (has {local_batch}: raise --batch-size) and "
+             f"--mix-global-p + --mix-region-p <= 1 (is {args.mix_global_p + args.mix_region_p})")
     if args.framework == "moco" and 0 < args.queue_size < args.batch_size:
         fail(f"--queue-size {args.queue_size} is smaller than the global batch {args.batch_size}")
     if args.amp == "fp16" and not torch.cuda.is_available():
@@ -211,10 +220,11 @@ def knn_report(trunk, args, device, baseline: bool) -> dict:
 
 def build_learner(args, device, world: int):
     """(learner, model): the learner on device, and what the step calls (its DDP wrapper when world > 1)."""
+    mixing = {key: getattr(args, key) for key in ("mix", "mix_global_p", "mix_region_p", "mix_weight")}
     if args.framework == "moco":
-        learner = models.MoCo(args.arch, args.stem, args.dim, args.queue_size, args.temperature)
+        learner = models.MoCo(args.arch, args.stem, args.dim, args.queue_size, args.temperature, **mixing)
     else:
-        learner = models.BYOL(args.arch, args.stem, args.dim)
+        learner = models.BYOL(args.arch, args.stem, args.dim, **mixing)
     cuda = device.type == "cuda"
     if args.framework == "byol" and world > 1 and cuda:   # no negatives: BN statistics of the global batch matter
         learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)   # (MoCo has shuffle-BN instead)
@@ -228,7 +238,7 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
     """One optimisation step on a loader batch; returns (losses, stop). Its one host sync is a small all-reduce:
     every rank learns whether any saw a non-finite loss or a stop signal, so all stop at the same step."""
     (x1, x2, crops), _ = batch   # labels are never used in pre-training
-    # Every random choice of the step (mosaic grouping, jitter, shuffle-BN order) is a function of
+    # Every random choice of the step (colour augmentation, mosaic grouping, jitter, shuffle-BN order) is a function of
     # (seed, step, rank), so a resumed run repeats an uninterrupted one.
     torch.manual_seed(args.seed * 1_000_003 + step * 1009 + models.rank())
     x1, x2, crops = (t.to(device, non_blocking=True) for t in (x1, x2, crops))   # uint8; crops [B, M, 3, s, s]
