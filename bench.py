@@ -6,6 +6,10 @@ train.py does: mosaic built on the device, forward under autocast, backward, SGD
 (for BYOL too, instead of LARS), EMA update. Forward-equivalents per image, U (a backward = 2
 forwards): BYOL two views 8, multi-crop / mosaic 11; MoCo 4 and 7. efficiency = img/s divided
 by what U predicts from the supervised step (U = 3, timed in the same rounds): sup. img/s x 3 / U.
+The image mixtures of train.py --mix run beside them as two+flatten, mosaic+cutmix...: flatten adds no pass,
+cutmix (MoCo) adds an online pass over x1m and a target pass over x2m (U + 4). After the table: the device
+augmentation's time per batch, and the loader's JPEGs per worker-second at the paper's geometry for the full
+CPU recipe (the loader before augment.py) and for the crop-and-flip loader: the LOADER line.
 On a CPU shared with other jobs, OMP_NUM_THREADS=1 gives steadier, often faster, timings.
 """
 import argparse
@@ -15,6 +19,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -22,20 +27,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import v2
 
+import augment
 import data
 import models
 from mosaic import default_jitter, make_mosaic
 
 MODES = ("two", "multicrop", "mosaic")
 UNITS = {"byol": {"two": 8, "multicrop": 11, "mosaic": 11}, "moco": {"two": 4, "multicrop": 7, "mosaic": 7}}
+# The image mixtures (train.py --mix), timed beside the view modes as "<views>+<mix>". flatten mixes the online
+# views in place: no extra pass. cutmix (MoCo only) adds an online pass over x1m (forward + backward = 3) and a
+# target pass over x2m (1): U + 4.
+MIXES = {"byol": ("flatten",), "moco": ("flatten", "cutmix")}
+MIX_UNITS = {"flatten": 0, "cutmix": 4}
 DEFAULTS = {"cpu": dict(arch="resnet18", stem="cifar", image_size=32, crop_size=16, batch_size=32, steps=5,
                         warmup=2, amp="off"),
             "cuda": dict(arch="resnet50", stem="imagenet", image_size=224, crop_size=112, batch_size=64,
                          steps=20, warmup=5, amp="bf16")}
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"Unset flags take device-dependent defaults. cpu (CIFAR-like): "
                                 f"{DEFAULTS['cpu']}. cuda (the paper's ImageNet setting, batch per GPU): "
@@ -57,7 +69,8 @@ def parse_args():
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers to project the data rate "
                    "to (default: CPU count)")
     p.add_argument("--supervised", action="store_true", help="also time a supervised ResNet step (the ceiling)")
-    args = p.parse_args()
+    p.add_argument("--loader-only", action="store_true", help="only the LOADER comparison (about a minute)")
+    args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: --device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
@@ -132,19 +145,25 @@ def make_step(model, device, amp, loss_fn):
 def bench_framework(framework, args, device, x1, x2, crops, sup_step=None):
     """Median step time per mode, peak memory per mode, median make_mosaic time. The supervised
     step, if given, joins the round-robin as a fourth mode so that it sees the same drift."""
-    if framework == "moco":
-        learner = models.MoCo(args.arch, args.stem, queue_size=65536 if args.image_size >= 64 else 4096)
-    else:
-        learner = models.BYOL(args.arch, args.stem)
-    learner = learner.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    step = make_step(learner, device, args.amp, lambda a, b, local: learner(a, b, local)["loss"])
+    def learner_step(mix):
+        if framework == "moco":
+            learner = models.MoCo(args.arch, args.stem, queue_size=65536 if args.image_size >= 64 else 4096, mix=mix)
+        else:
+            learner = models.BYOL(args.arch, args.stem, mix=mix)
+        learner = learner.to(device, memory_format=torch.channels_last if device.type == "cuda"
+                             else torch.preserve_format)
+        return make_step(learner, device, args.amp, lambda a, b, local: learner(a, b, local)["loss"])
 
     def local_views(mode):
         if mode != "mosaic":
             return crops if mode == "multicrop" else None
         return make_mosaic(crops, args.jitter)   # the trunk puts the mosaics in its weights' layout
 
-    runs = {mode: (lambda mode=mode: step(x1, x2, local_views(mode))) for mode in MODES}
+    steps = {mix: learner_step(mix) for mix in ("off",) + MIXES[framework]}
+    runs = {mode: (lambda mode=mode: steps["off"](x1, x2, local_views(mode))) for mode in MODES}
+    for mix in MIXES[framework]:
+        runs.update({f"{mode}+{mix}": (lambda mode=mode, mix=mix: steps[mix](x1, x2, local_views(mode)))
+                     for mode in ("two", "mosaic")})
     if sup_step is not None:
         runs["supervised"] = sup_step
     names, times = list(runs), {mode: [] for mode in runs}
@@ -159,6 +178,23 @@ def bench_framework(framework, args, device, x1, x2, crops, sup_step=None):
     return {mode: statistics.median(t) for mode, t in times.items()}, memory, statistics.median(build[args.warmup:])
 
 
+def loader_line(args):
+    """Run bench_loader, print where its JPEGs came from, return the LOADER line."""
+    full, loader, source = bench_loader(args)
+    print(f"# loader at the paper's geometry: 2 views of 224 px + 4 crops of 112 px, BYOL recipe, one thread; {source}")
+    return f"LOADER full_recipe={full:.1f} loader={loader:.1f} speedup={loader / full:.2f}"
+
+
+def time_augment(framework, args, device):
+    """Median seconds of augment.augment over one batch's uint8 views: x1, x2 [B, 3, S, S] and the crops."""
+    B, M, S, s = args.batch_size, args.crops, args.image_size, args.crop_size
+    u1, u2 = (torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device) for _ in range(2))
+    crops = torch.randint(0, 256, (B * M, 3, s, s), dtype=torch.uint8, device=device)
+    run = lambda: [augment.augment(u, framework, view) for u, view in ((u1, "x1"), (u2, "x2"), (crops, "crops"))]
+    times = [timed(device, run) for _ in range(args.warmup + args.steps)]
+    return statistics.median(times[args.warmup:])
+
+
 def supervised_step(args, device, x1):
     """Plain ResNet (the same Trunk) + linear classifier on one view per image: the ceiling."""
     trunk = models.Trunk(args.arch, args.stem)
@@ -170,16 +206,69 @@ def supervised_step(args, device, x1):
 
 
 def bench_data(framework, args, num_crops, images):
-    """Images/s of one loader worker (main process, one thread) making 2 + num_crops views per image."""
-    transform = data.MultiViewTransform(framework, args.image_size, args.crop_size, num_crops)
+    """Images/s of one loader worker (main process, one thread) making 2 + num_crops uint8 views per image."""
+    return loader_rate(data.MultiViewTransform(framework, args.image_size, args.crop_size, num_crops), images)
+
+
+def loader_rate(transform, images, rounds=1):
+    """Images per second of one thread applying transform to each image (a PIL image, or a callable that
+    decodes one), best of `rounds` passes: what one DataLoader worker sustains."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as in a DataLoader worker
-    start = time.perf_counter()
-    for image in images:
-        transform(image() if callable(image) else image)
-    elapsed = time.perf_counter() - start
+    best = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for image in images:
+            transform(image() if callable(image) else image)
+        best = min(best, time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return len(images) / elapsed
+    return len(images) / best
+
+
+def full_recipe_view(framework, size, recipe):
+    """The whole view recipe in the worker with PIL, as the loader ran it before augment.py moved the photometric
+    half to the device: the reference that the LOADER line compares against."""
+    steps = [v2.RandomResizedCrop(size, scale=recipe.scale, antialias=True), v2.RandomHorizontalFlip(),
+             v2.RandomApply([v2.ColorJitter(*augment.COLOUR_JITTER[framework])], p=0.8), v2.RandomGrayscale(p=0.2)]
+    if recipe.blur > 0 and size >= 64:
+        steps.append(v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=recipe.blur))
+    if recipe.solarize > 0:
+        steps.append(v2.RandomSolarize(threshold=128, p=recipe.solarize))
+    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(augment.MEAN,
+                                                                                               augment.STD)])
+
+
+def photo_like_jpegs(folder, count=48, size=(500, 375)):
+    """Write `count` ImageNet-sized JPEGs (quality 90) into folder: smooth random colour fields upscaled to 500x375
+    plus Gaussian noise of sigma 10, so that they compress about as photos do (~60-90 kB). Returns the paths."""
+    rng, paths = np.random.default_rng(0), []
+    for i in range(count):
+        field = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        noisy = np.asarray(field, dtype=np.float32) + rng.normal(0, 10, (size[1], size[0], 3))
+        paths.append(os.path.join(folder, f"{i:03d}.jpg"))
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(paths[-1], quality=90)
+    return paths
+
+
+def bench_loader(args, framework="byol"):
+    """JPEGs per worker-second at the paper's geometry (2 views of 224 px + 4 crops of 112 px) for the full CPU
+    recipe and for the loader that leaves the photometric half to the device, on --data's JPEGs or on
+    ImageNet-sized ones made in a temporary folder. Returns (full recipe img/s, loader img/s, source)."""
+    recipe = augment.RECIPES[framework]
+    full_views = [full_recipe_view(framework, 224, recipe[v]) for v in ("x1", "x2")]
+    full_crop = full_recipe_view(framework, 112, recipe["crops"])
+    full = lambda image: [view(image) for view in full_views] + [full_crop(image) for _ in range(4)]
+    loader = data.MultiViewTransform(framework, 224, 112, 4)
+    with tempfile.TemporaryDirectory() as folder:
+        if args.data:
+            paths = [path for path, _ in data.build_dataset("imagefolder", args.data, True, None).samples[:48]]
+        else:
+            paths = photo_like_jpegs(folder)
+        kilobytes = statistics.mean(os.path.getsize(path) for path in paths) / 1024
+        images = [lambda path=path: Image.open(path).convert("RGB") for path in paths]
+        rates = loader_rate(full, images, rounds=2), loader_rate(loader, images, rounds=2)
+    source = f"{len(paths)} JPEGs of {kilobytes:.0f} kB from {args.data or 'photo_like_jpegs (500x375)'}"
+    return rates[0], rates[1], source
 
 
 def main():
@@ -197,6 +286,9 @@ def main():
     print(f"# step: synthetic inputs on {device.type}, autocast {args.amp}, SGD momentum 0.9 for both frameworks, "
           f"EMA 0.99; mem = {'max_memory_allocated' if device.type == 'cuda' else 'peak RSS growth'} (MiB)")
 
+    if args.loader_only:
+        print(loader_line(args))
+        return
     B, M, S, s = args.batch_size, args.crops, args.image_size, args.crop_size
     fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if device.type == "cuda" else (lambda t: t)
     x1, x2 = fmt(torch.randn(B, 3, S, S, device=device)), fmt(torch.randn(B, 3, S, S, device=device))
@@ -211,23 +303,27 @@ def main():
         images = [Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)) for _ in range(max(64, 2 * B))]
 
     sup_step = supervised_step(args, device, x1) if args.supervised else None
-    header = (f"{'framework':<11}{'views':<11}{'step ms':>9}{'img/s':>9}{'mem MiB':>9}{'x two':>7}{'U':>4}"
+    header = (f"{'framework':<11}{'views':<16}{'step ms':>9}{'img/s':>9}{'mem MiB':>9}{'x two':>7}{'U':>4}"
               f"{'ideal':>7}{'effic.':>8}")
     print(header + "\n" + "-" * len(header))
     summary = []
     for framework in (("byol", "moco") if args.framework == "both" else (args.framework,)):
         step, memory, build = bench_framework(framework, args, device, x1, x2, crops, sup_step)
-        for mode in (["supervised"] if sup_step else []) + list(MODES):
-            units = UNITS[framework].get(mode, 3)
+        for mode in (["supervised"] if sup_step else []) + [mode for mode in step if mode != "supervised"]:
+            views, _, mix = mode.partition("+")
+            units = UNITS[framework].get(views, 3) + MIX_UNITS.get(mix, 0)
             ips = B / step[mode]
             mem = f"{memory[mode]:9.0f}" if memory[mode] is not None else f"{'n/a':>9}"
             if mode == "supervised":
-                print(f"{framework:<11}{mode:<11}{step[mode] * 1e3:9.1f}{ips:9.1f}{mem}{'':>7}{units:>4}")
+                print(f"{framework:<11}{mode:<16}{step[mode] * 1e3:9.1f}{ips:9.1f}{mem}{'':>7}{units:>4}")
                 continue
             eff = f"{ips / (B / step['supervised'] * 3 / units):8.2f}" if sup_step else f"{'-':>8}"
-            print(f"{framework:<11}{mode:<11}{step[mode] * 1e3:9.1f}{ips:9.1f}{mem}{step[mode] / step['two']:7.2f}"
+            print(f"{framework:<11}{mode:<16}{step[mode] * 1e3:9.1f}{ips:9.1f}{mem}{step[mode] / step['two']:7.2f}"
                   f"{units:>4}{units / UNITS[framework]['two']:7.3f}{eff}")
         print(f"  make_mosaic alone: {build * 1e3:.2f} ms = {100 * build / step['mosaic']:.1f} % of the mosaic step")
+        colour = time_augment(framework, args, device)
+        print(f"  device augmentation (2 views + {M} crops from uint8; not in the steps above): {colour * 1e3:.1f} ms = "
+              f"{100 * colour / (colour + step['mosaic']):.1f} % of a mosaic step with it")
         rate_two, rate_all = bench_data(framework, args, 0, images), bench_data(framework, args, M, images)
         print(f"  data ({'JPEGs in ' + args.data if args.data else 'synthetic PIL, no decode'}): {rate_all:.0f} img/s "
               f"per worker with 2+{M} views ({rate_two:.0f} with 2 views); x {args.workers} workers = "
@@ -236,6 +332,7 @@ def main():
         ideal = UNITS[framework]["mosaic"] / UNITS[framework]["two"]
         summary.append(f"RATIO framework={framework} multicrop/two={step['multicrop'] / step['two']:.2f} "
                        f"mosaic/two={step['mosaic'] / step['two']:.2f} ideal={ideal:g}")
+    summary.append(loader_line(args))
     print(f"# total time {time.perf_counter() - began:.0f} s")
     print("\n".join(summary))
 
