@@ -11,7 +11,8 @@ import torch
 import torchvision
 from PIL import Image
 
-import convert_detectron2
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detection"))
+import convert_detectron2  # noqa: E402
 import data
 import eval_knn
 import eval_linear

@@ -1,6 +1,6 @@
 """Convert a MosRep backbone into detectron2's checkpoint format:
 
-    python convert_detectron2.py runs/byol/backbone.pth runs/byol/backbone_d2.pkl
+    python detection/convert_detectron2.py runs/byol/backbone.pth runs/byol/backbone_d2.pkl
 
 The input is a backbone.pth (torchvision ResNet keys) or a train.py checkpoint.pth. The output is a pickle of
 {"model": {detectron2 key: numpy array}, "__author__": "MosRep", "matching_heuristics": True}, the layout
@@ -8,9 +8,10 @@ detectron2's checkpointer reads for MODEL.WEIGHTS. The configuration the weights
 (*Detection and segmentation transfer*). Weights trained with --stem cifar are refused: detectron2's stem is
 the 7x7 stride-2 conv and max-pool.
 """
-import argparse, pickle, re
+import argparse, os, pickle, re, sys
 
-from models import read_checkpoint
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
+from models import read_checkpoint  # noqa: E402
 
 # torchvision name -> detectron2 name, applied in order to each key (fc.* is dropped before).
 RENAMES = [(r"^conv1\.", "stem.conv1."), (r"^bn1\.", "stem.conv1.norm."),
