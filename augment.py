@@ -24,11 +24,8 @@ import torch.nn.functional as F
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet statistics, used for every dataset
 
 
-class View(NamedTuple):
-    """One view's recipe: RandomResizedCrop scale range, blur probability, solarize probability."""
-    scale: tuple
-    blur: float
-    solarize: float
+# One view's recipe: RandomResizedCrop scale range, blur probability, solarize probability.
+View = NamedTuple("View", [("scale", tuple), ("blur", float), ("solarize", float)])
 
 
 RECIPES = {"moco": {"x1": View((0.2, 1.0), 0.5, 0.0), "x2": View((0.2, 1.0), 0.5, 0.0),
@@ -93,8 +90,7 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) 
     offsets = torch.arange(kernel_size, device=images.device, dtype=images.dtype) - (kernel_size - 1) / 2
     kernels = torch.exp(-0.5 * (offsets[None, :] / sigmas[:, None]) ** 2)          # [N, k]
     kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(C, 0)  # [N*C, k]
-    pad = kernel_size // 2
-    x = F.pad(images.reshape(1, N * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    x = F.pad(images.reshape(1, N * C, H, W), (kernel_size // 2,) * 4, mode="reflect")
     x = F.conv2d(x, kernels[:, None, None, :], groups=N * C)                       # along the width
     x = F.conv2d(x, kernels[:, None, :, None], groups=N * C)                       # along the height
     return x.reshape(N, C, H, W)
@@ -143,9 +139,8 @@ def draw_augment(n: int, framework: str, view: str, size: int, device=None) -> d
     recipe, rand = RECIPES[framework][view], lambda: torch.rand(n, device=device)
     jitter = draw_colour_jitter(n, COLOUR_JITTER[framework], 0.8, device)
     # At 32 px a 3x3 kernel erases the little detail there is: small views get no blur.
-    blur_p = recipe.blur if size >= 64 else 0.0
-    return dict(jitter=jitter, grey=rand() < 0.2, blur=rand() < blur_p, sigma=0.1 + 1.9 * rand(),
-                solarize=rand() < recipe.solarize)
+    return dict(jitter=jitter, grey=rand() < 0.2, blur=rand() < (recipe.blur if size >= 64 else 0.0),
+                sigma=0.1 + 1.9 * rand(), solarize=rand() < recipe.solarize)
 
 
 def apply_augment(images: torch.Tensor, params: dict) -> torch.Tensor:

@@ -72,10 +72,6 @@ def knn_scores(train_features, train_labels, test_features, ks, temperature: flo
             per_k.append(chunk.new_zeros(len(chunk), num_classes).scatter_add_(1, votes[:, :k], weights[:, :k]))
     return [torch.cat(per_k) for per_k in scores]
 
-def knn_predict(train_features, train_labels, test_features, k: int, temperature: float, num_classes: int,
-                chunk_size: int = 256) -> torch.Tensor:   # the scores of knn_scores for one k
-    return knn_scores(train_features, train_labels, test_features, [k], temperature, num_classes, chunk_size)[0]
-
 def accuracy(scores: torch.Tensor, labels: torch.Tensor):
     """scores [N, K], labels [N] -> (top-1 %, top-5 %). Top-5 is top-K when K < 5; of tied scores the lower class
     ranks first; an empty set gives (0, 0)."""
@@ -111,8 +107,7 @@ def main():
                            device)
         if rank() == 0:
             print(f"k-NN on {len(train_set)} train / {len(val_set)} test images, {classes} classes, "
-                  f"T={args.temperature}, "
-                  f"{time.time() - start:.0f}s\n{'k':>6} {'top-1':>7} {'top-5':>7}")
+                  f"T={args.temperature}, {time.time() - start:.0f}s\n{'k':>6} {'top-1':>7} {'top-5':>7}")
             for k, result in results.items():
                 clamped = f"  (k clamped to {len(train_set)})" if k > len(train_set) else ""
                 print(f"{k:>6} {result['top1']:7.2f} {result['top5']:7.2f}{clamped}")

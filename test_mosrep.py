@@ -33,11 +33,16 @@ import eval_knn
 import losses
 import models
 import train
-from eval_knn import accuracy, build_trunk, evaluate_knn, extract_features, knn_predict
+from eval_knn import accuracy, build_trunk, evaluate_knn, extract_features, knn_scores
 from eval_linear import balanced_subset, cached_batches, frozen_features, train_probe
 from mosaic import Mosaic, compose, default_jitter, group_crops, jitter, make_mosaic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def knn_predict(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size=256):
+    """knn_scores for one k: scores [M, classes]."""
+    return knn_scores(train_features, train_labels, test_features, [k], temperature, num_classes, chunk_size)[0]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # subprocesses: tiny batches, threads only add overhead
 # The device-independent tests take the `device` fixture, set by MOSREP_TEST_DEVICE (default cpu, what CI runs); their
 # ids end in [on_<device type>], so `MOSREP_TEST_DEVICE=cuda python -m pytest test_mosrep.py -k on_cuda` runs just
