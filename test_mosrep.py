@@ -1,12 +1,15 @@
 """Spec suite of the MosRep reference implementation (CPU, small), in module order: mosaic.py, losses.py,
-models.py, data.py, train.py (units), eval_knn.py, eval_linear.py, train.py end to end, real CIFAR-10 end to
-end. Every test's docstring is the one spec it pins. Run: python -m pytest -q"""
+augment.py, mixture.py, models.py, data.py, train.py (units), eval_knn.py, eval_linear.py,
+detection/convert_detectron2.py, train.py end to end, real CIFAR-10 end to end, check_gpu.py, README.
+Every test's docstring is the one spec it pins. Run: python -m pytest -q"""
 import argparse
 import ast
 import errno
+import itertools
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -17,6 +20,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -26,13 +30,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 import augment
+import check_gpu
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detection"))
+import convert_detectron2  # noqa: E402
 import data
 import eval_knn
+import eval_linear
 import losses
+import mixture
 import models
 import train
+from check_gpu import PY, CheckFailed, Runner, Step
 from eval_knn import accuracy, build_trunk, evaluate_knn, extract_features, knn_scores
 from eval_linear import balanced_subset, cached_batches, frozen_features, train_probe
 from mosaic import Mosaic, compose, default_jitter, group_crops, jitter, make_mosaic
@@ -561,6 +572,382 @@ def test_byol_loss_fp32_for_low_precision_inputs(dtype):
 
 
 # ==================================================================================================
+# augment.py
+# ==================================================================================================
+
+def _aug_images(n=5, h=19, w=23, seed=0):
+    """Random [0, 1] images with a grey patch and saturated pixels (the HSV conversion's edge cases)."""
+    images = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    images[:, :, :3, :3] = 0.5
+    images[:, 0, -2:, -2:], images[:, 1:, -2:, -2:] = 1.0, 0.0
+    return images
+
+
+OPS = [("adjust_brightness", lambda x, p: TF.adjust_brightness(x, p), lambda n: 0.6 + 0.8 * torch.rand(n)),
+       ("adjust_contrast", lambda x, p: TF.adjust_contrast(x, p), lambda n: 0.6 + 0.8 * torch.rand(n)),
+       ("adjust_saturation", lambda x, p: TF.adjust_saturation(x, p), lambda n: 0.6 + 0.8 * torch.rand(n)),
+       ("adjust_hue", lambda x, p: TF.adjust_hue(x, p), lambda n: torch.rand(n) - 0.5)]
+
+
+# ---- batched colour ops, grayscale, solarize, blur against torchvision
+
+@pytest.mark.parametrize("name, reference, draw", OPS, ids=[op[0] for op in OPS])
+def test_batched_colour_op_equals_torchvision_per_image(name, reference, draw):
+    """augment.<op>(images, per-sample factors) equals torchvision.transforms.v2.functional.<op> on each image
+    alone, within 1e-5 in fp32."""
+    torch.manual_seed(1)
+    images, factors = _aug_images(), draw(5)
+    batched = getattr(augment, name)(images, factors)
+    for image, factor, mine in zip(images, factors, batched):
+        assert torch.allclose(mine, reference(image, factor.item()), atol=1e-5, rtol=0)
+
+
+def test_grayscale_and_solarize_equal_torchvision():
+    """grayscale (replicated to 3 channels) equals rgb_to_grayscale(num_output_channels=3); solarize with
+    threshold 128/255 equals v2.functional.solarize, i.e. RandomSolarize(128) of the uint8 image."""
+    images = _aug_images()
+    for image, grey, solar in zip(images, augment.grayscale(images).expand_as(images), augment.solarize(images)):
+        assert torch.allclose(grey, TF.rgb_to_grayscale(image, num_output_channels=3), atol=1e-5, rtol=0)
+        assert torch.equal(solar, TF.solarize(image, 128 / 255))
+    uint8 = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
+    assert torch.equal((augment.solarize(uint8.float() / 255) * 255).round().to(torch.uint8), TF.solarize(uint8, 128))
+
+
+@pytest.mark.parametrize("kernel_size", [3, 7, 23])
+def test_gaussian_blur_equals_torchvision_per_image(kernel_size):
+    """gaussian_blur(images, sigmas [N], k) equals v2.functional.gaussian_blur(image, [k, k], sigma) per image
+    (torchvision's kernel, reflect padding), within 1e-5."""
+    images, sigmas = _aug_images(h=29, w=31), torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
+    for image, sigma, mine in zip(images, sigmas, augment.gaussian_blur(images, sigmas, kernel_size)):
+        assert torch.allclose(mine, TF.gaussian_blur(image, [kernel_size] * 2, [sigma.item()] * 2), atol=1e-5, rtol=0)
+
+
+def test_colour_jitter_applies_each_images_ops_in_its_own_order():
+    """apply_colour_jitter equals torchvision's four ops applied one image at a time in that image's order (24
+    images: every order of the four ops once); a non-applied image is returned unchanged."""
+    orders = torch.tensor(list(itertools.permutations(range(4))))                   # [24, 4]
+    n = len(orders)
+    images, factors = _aug_images(n=n), torch.stack([0.6 + 0.8 * torch.rand(n), 0.6 + 0.8 * torch.rand(n),
+                                                 0.6 + 0.8 * torch.rand(n), 0.2 * torch.rand(n) - 0.1], dim=1)
+    applied = torch.arange(n) != 5
+    out = augment.apply_colour_jitter(images, factors, orders, applied)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(n):
+        expected = images[i]
+        for op in orders[i].tolist() if applied[i] else []:
+            expected = ops[op](expected, factors[i, op].item())
+        assert torch.allclose(out[i], expected, atol=1e-5, rtol=0), i
+    assert torch.equal(out[5], images[5])
+
+
+# ---- drawing and applying the recipes
+
+def test_draw_colour_jitter_ranges_orders_and_rate():
+    """draw_colour_jitter: factors within ColorJitter's ranges ([1 - s, 1 + s], hue [-s, s]), different for two
+    images of a batch; each image's order is a permutation and the orders vary across the batch (all 24 appear
+    among 4000 draws); applied at rate p within 4 standard deviations."""
+    torch.manual_seed(0)
+    n, strengths = 4000, (0.4, 0.3, 0.2, 0.1)
+    factors, order, applied = augment.draw_colour_jitter(n, strengths, 0.8)
+    low = torch.tensor([0.6, 0.7, 0.8, -0.1])
+    assert ((factors >= low) & (factors <= low + 2 * torch.tensor(strengths))).all()
+    assert (factors[0] != factors[1]).all()
+    assert (order.sort(dim=1).values == torch.arange(4)).all()
+    assert len({tuple(row) for row in order.tolist()}) == 24
+    assert abs(applied.float().mean().item() - 0.8) < 4 * math.sqrt(0.8 * 0.2 / n)
+
+
+@pytest.mark.parametrize("framework, view", [("moco", "x1"), ("byol", "x1"), ("byol", "x2"), ("byol", "crops")])
+def test_draw_augment_probabilities_hit_their_rates(framework, view):
+    """Over 4000 images each random op is drawn at its rate (grayscale 0.2, the view's blur and solarize), within
+    4 standard deviations (a rate off by 0.05 fails); sigma ~ U[0.1, 2]; views under 64 px draw no blur."""
+    torch.manual_seed(0)
+    n, recipe = 4000, augment.RECIPES[framework][view]
+    params = augment.draw_augment(n, framework, view, 64)
+    for name, p in (("grey", 0.2), ("blur", recipe.blur), ("solarize", recipe.solarize)):
+        assert abs(params[name].float().mean().item() - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-9, name
+    assert 0.1 <= params["sigma"].min() and params["sigma"].max() <= 2.0 and params["sigma"].std() > 0.5
+    assert not augment.draw_augment(n, framework, view, 63)["blur"].any()
+
+
+def test_apply_augment_follows_its_parameters_and_normalises():
+    """apply_augment: an image drawn for grayscale comes out grey; an image with nothing drawn comes out as the
+    uint8 image / 255, normalised with MEAN and STD; a solarized one is inverted above 128; a blurred one equals
+    gaussian_blur with its sigma and a kernel of 2 * (size // 20) + 1."""
+    n, size = 4, 64
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    none = torch.zeros(n, dtype=torch.bool)
+    params = dict(jitter=(torch.ones(n, 4), torch.arange(4).repeat(n, 1), none), grey=torch.tensor([1, 0, 0, 0]) > 0,
+                  blur=torch.tensor([0, 0, 0, 1]) > 0, sigma=torch.full((n,), 1.5), solarize=torch.tensor([0, 0, 1, 0]) > 0)
+    mean, std = torch.tensor(augment.MEAN).reshape(3, 1, 1), torch.tensor(augment.STD).reshape(3, 1, 1)
+    out = augment.apply_augment(images, params) * std + mean                        # back to [0, 1]
+    x = images.float() / 255
+    assert torch.allclose(out[0], augment.grayscale(x[:1])[0].expand(3, size, size), atol=1e-5)
+    assert torch.allclose(out[1], x[1], atol=1e-5)
+    assert torch.allclose(out[2], augment.solarize(x[2]), atol=1e-5)
+    assert torch.allclose(out[3], TF.gaussian_blur(x[3], [7, 7], [1.5, 1.5]), atol=1e-5)
+
+
+@pytest.mark.parametrize("framework", ["moco", "byol"])
+def test_augment_is_a_function_of_the_torch_seed_and_differs_per_image(framework):
+    """augment draws from torch's global RNG: the same seed gives the same batch; two copies of one image in a
+    batch come out different (their own parameters)."""
+    image = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = image.expand(8, 3, 64, 64)
+    torch.manual_seed(3)
+    a = augment.augment(batch, framework, "x1")
+    torch.manual_seed(3)
+    assert torch.equal(a, augment.augment(batch, framework, "x1"))
+    assert not torch.allclose(a[0], a[1]) and a.dtype == torch.float32
+
+
+# ==================================================================================================
+# mixture.py
+# ==================================================================================================
+
+def _constant_images(values, C=1, size=8):
+    """Row b a constant image of values[b]: [B, C, size, size] fp32."""
+    return torch.tensor(values, dtype=torch.float32)[:, None, None, None].expand(-1, C, size, size).clone()
+
+
+def _one_hot_images(B, size=8):
+    """Row b has 1 in channel b and 0 elsewhere: a mixture's channel j is then where, and how much, image j shows."""
+    return torch.eye(B)[:, :, None, None].expand(B, B, size, size).clone()
+
+
+def _box_mask(box, H, W):
+    """The pixel mask [H, W] of one integer box (x1, y1, x2, y2), half-open, by slicing."""
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    x1, y1, x2, y2 = (int(v) for v in box)
+    mask[y1:y2, x1:x2] = True
+    return mask
+
+
+# ---- partners, boxes
+
+@pytest.mark.parametrize("B,n", [(5, 5), (8, 4), (33, 5), (2, 2)])
+def test_partners_are_other_images_distinct_per_row_and_permutations(B, n):
+    """partners [n-1, B]: never the row itself, distinct within a row's mixture, each of the n-1 a permutation."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        others = mixture.partners(B, n)
+        assert others.shape == (n - 1, B) and others.dtype == torch.long
+        assert not (others == torch.arange(B)).any()
+        for b in range(B):
+            assert len(set(others[:, b].tolist())) == n - 1
+        for row in others:
+            assert sorted(row.tolist()) == list(range(B))
+
+
+def test_partners_batch_smaller_than_mixture_raises_naming_both():
+    """A mixture of n images on a batch of fewer than n is a ValueError naming both numbers."""
+    with pytest.raises(ValueError, match="at least 5, got 4"):
+        mixture.partners(4, 5)
+
+
+@pytest.mark.parametrize("low,high", [(0.25, 0.75), (0.5, 1.0), (0.0, 1.0)])
+def test_random_boxes_are_integer_inside_the_image_with_the_area_law(low, high):
+    """random_boxes: fp32 integer corners inside the image, its aspect up to a pixel, area fraction >= low and
+    ~ U[low, high] (sides rounded up to whole pixels)."""
+    torch.manual_seed(0)
+    for H, W in ((16, 32), (1024, 1024)):
+        boxes = mixture.random_boxes(4000, H, W, low, high)
+        assert boxes.shape == (4000, 4) and boxes.dtype == torch.float32 and torch.equal(boxes, boxes.round())
+        x1, y1, x2, y2 = boxes.T
+        assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= W).all() and (y2 <= H).all()
+        w, h = x2 - x1, y2 - y1
+        area = w * h / (H * W)
+        assert (area >= low - 1e-6).all() and ((w / W - h / H).abs() < 1 / H).all()
+    # 1024 px: rounding is negligible, and the area fraction is uniform on [low, high]
+    assert abs(area.mean().item() - (low + high) / 2) < 0.01 and area.max() <= high + 0.01
+    assert abs((area < (low + high) / 2).float().mean().item() - 0.5) < 0.03
+
+
+def test_cutmix_boxes_leave_inside_and_outside_non_empty():
+    """The cutmix boxes (area U[0.25, 0.75]) on 16 px and 224 px views keep pixels inside and outside."""
+    torch.manual_seed(0)
+    for size in (16, 224):
+        boxes = mixture.random_boxes(2000, size, size, 0.25, 0.75)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        assert (area > 0).all() and (area < size * size).all()
+
+
+# ---- the global mixture
+
+def test_global_mixture_of_constant_images_has_the_expected_pixel_values():
+    """Eq. 3 on constant images: I_m^1 = a_1 I_2 + (1 - a_1) I_1, I_m^k = a_k I_{k+1} + (1 - a_k) I_m^{k-1}, I_n the row."""
+    values = [1.0, 10.0, 100.0, 1000.0, 10000.0]
+    images = _constant_images(values, C=2)
+    others = torch.tensor([[1, 2, 3, 4, 0], [2, 3, 4, 0, 1], [3, 4, 0, 1, 2]])      # [n-1 = 3, B = 5]
+    shares = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5], [0.25, 0.5, 0.75, 1.0, 0.0], [0.5, 0.6, 0.7, 0.8, 1.0]])
+    mixed = mixture.global_mixture(images, others, shares)
+    assert mixed.shape == images.shape and mixed.dtype == images.dtype
+    for b in range(5):
+        sequence = [values[others[k, b]] for k in range(3)] + [values[b]]        # I_1 .. I_4
+        expected = sequence[0]
+        for k in range(3):
+            expected = shares[k, b].item() * sequence[k + 1] + (1 - shares[k, b].item()) * expected
+        torch.testing.assert_close(mixed[b], torch.full((2, 8, 8), expected), rtol=1e-6, atol=1e-6)
+    # e.g. row 0: ((0.9 * 10 + 0.1 * 100) * 0.75 + 0.25 * 1000) * 0.5 + 0.5 * 1 = 132.625
+    torch.testing.assert_close(mixed[0, 0, 0, 0], torch.tensor(132.625))
+
+
+def test_global_mixture_main_image_share_is_the_last_coefficient():
+    """On one-hot images the main image's weight is exactly shares[-1], every weight >= 0 and they sum to 1."""
+    B, n = 6, 4
+    torch.manual_seed(1)
+    others, shares = mixture.partners(B, n), torch.rand(n - 1, B)
+    mixed = mixture.global_mixture(_one_hot_images(B), others, shares)[:, :, 0, 0]      # [B, B]: weight of image j
+    torch.testing.assert_close(mixed.diagonal(), shares[-1])
+    torch.testing.assert_close(mixed.sum(dim=1), torch.ones(B))
+    assert (mixed >= 0).all() and ((mixed > 0).sum(dim=1) <= n).all()
+
+
+# ---- the region mixture
+
+def test_region_mixture_pastes_exactly_its_masks_and_decays_the_first_context_by_lambda():
+    """Eq. 4-5: I_1 in box 1, decay * I_2 around it, then I_3.. and the row (last) pasted in their boxes, exactly."""
+    torch.manual_seed(2)
+    B, n, H, W, decay = 5, 4, 8, 12, 0.2
+    images = torch.randn(B, 3, H, W)
+    others = mixture.partners(B, n)
+    boxes = torch.tensor([[[0, 0, 6, 8]] * B, [[5, 2, 9, 6]] * B, [[8, 1, 12, 7]] * B], dtype=torch.float32)
+    boxes[:, 1] += torch.tensor([0.0, 1, 0, 1])                                   # row 1's boxes shifted by 1 px
+    mixed = mixture.region_mixture(images, others, boxes, decay)
+    for b in range(B):
+        sequence = [images[others[k, b]] for k in range(n - 1)] + [images[b]]
+        expected = decay * sequence[1]                                             # the first context, decayed
+        for k in range(n - 1):
+            mask = _box_mask(boxes[k, b], H, W)
+            expected = torch.where(mask, sequence[0] if k == 0 else sequence[k + 1], expected)
+        assert torch.equal(mixed[b], expected)
+        outside_all = ~torch.stack([_box_mask(boxes[k, b], H, W) for k in range(n - 1)]).any(0)
+        assert outside_all.any() and torch.equal(mixed[b][:, outside_all], decay * images[others[1, b]][:, outside_all])
+        main = _box_mask(boxes[-1, b], H, W)
+        assert torch.equal(mixed[b][:, main], images[b][:, main])                 # the main image at full intensity
+
+
+def test_region_mixture_of_constant_images_has_the_expected_pixel_values():
+    """Constant images (n = 3, decay 0.2): a pixel row reads I_1, I_1 (box 1), 0.2 I_2 (context), the row's own value."""
+    images = _constant_images([1.0, 2.0, 3.0, 4.0], size=4)
+    others = torch.tensor([[1, 2, 3, 0], [2, 3, 0, 1]])                          # row b: I_1 = b+1, I_2 = b+2 (mod 4)
+    boxes = torch.tensor([[[0, 0, 2, 4]] * 4, [[3, 0, 4, 4]] * 4], dtype=torch.float32)
+    mixed = mixture.region_mixture(images, others, boxes, 0.2)[:, 0, 0]           # [B, 4]: one row of pixels
+    for b in range(4):
+        i1, i2, main = float(others[0, b] + 1), float(others[1, b] + 1), float(b + 1)
+        assert mixed[b].tolist() == [i1, i1, (0.2 * torch.tensor(i2)).item(), main]
+
+
+# ---- flatten
+
+def _classify(values, mixed):
+    """Per row of constant images: 'none' (unchanged), 'global' (constant, changed) or 'region' (not constant)."""
+    flat = mixed.flatten(1)
+    constant = (flat == flat[:, :1]).all(dim=1)
+    unchanged = (flat == values[:, None]).all(dim=1)
+    return unchanged, constant & ~unchanged, ~constant
+
+
+def test_flatten_mixes_each_row_with_the_right_rates():
+    """flatten: P(global) = p_global, P(region) = p_region, else unchanged; 4-sigma bounds that a wrong rate fails."""
+    torch.manual_seed(3)
+    B, H, p_global, p_region = 3000, 16, 0.4, 0.3
+    values = torch.randperm(B).float() + 1
+    images = _constant_images(values.tolist(), size=H)
+    unchanged, mixed_global, mixed_region = _classify(values, mixture.flatten(images, p_global, p_region))
+    # A region mixture whose main box covers the whole image is the image itself: count those as 'none'.
+    boxes = mixture.random_boxes(200000, H, H, 0.5, 1.0)
+    full = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) == H * H).float().mean().item()
+    for observed, rate in ((mixed_global, p_global), (mixed_region, p_region * (1 - full)),
+                           (unchanged, 1 - p_global - p_region * (1 - full))):
+        assert abs(observed.float().mean().item() - rate) < 4 * math.sqrt(rate * (1 - rate) / B)
+
+
+@pytest.mark.parametrize("p_global,p_region", [(1.0, 0.0), (0.0, 1.0)])
+def test_flatten_keeps_the_row_as_the_main_image(p_global, p_region):
+    """Every flattened row holds its own image as the main one: global weight >= 0.5, or >= half the pixels at full
+    intensity and never decayed (region); the other images are n - 1 others, never the row itself."""
+    B, size = 8, 8
+    for seed in range(4):
+        torch.manual_seed(seed)
+        mixed = mixture.flatten(_one_hot_images(B, size), p_global, p_region)   # channel j: where image j shows
+        assert mixed.shape == (B, B, size, size)
+        for b in range(B):
+            own, shown = mixed[b, b], (mixed[b] > 0).flatten(1).any(dim=1)
+            if p_global:
+                assert own.min() >= 0.5 and int(shown.sum()) == 4
+                torch.testing.assert_close(mixed[b].sum(dim=0), torch.ones(size, size))
+            else:
+                assert (own == 1).float().mean() >= 0.5 and not ((own > 0) & (own < 1)).any()
+                assert int(shown.sum()) <= 5 and set(mixed[b].unique().tolist()) <= {0.0, 1.0, torch.tensor(0.2).item()}
+
+
+def test_flatten_cutmix_and_box_means_read_no_value_on_the_host():
+    """The mixtures run on the meta device, which has no values: no .item(), bool-mask index or data-dependent shape."""
+    images = torch.randn(8, 3, 16, 16, device="meta")
+    assert mixture.flatten(images).shape == images.shape
+    boxes = mixture.random_boxes(8, 16, 16, 0.25, 0.75, "meta")
+    assert all(x.shape == images.shape for x in mixture.cutmix(images, images, boxes))
+    assert all(m.shape == (8, 5) for m in mixture.box_means(torch.randn(8, 5, 4, 4, device="meta"), boxes, 4))
+
+
+def test_flatten_is_reproducible_from_the_torch_seed_and_keeps_dtype():
+    """The same torch seed gives the same flattened batch; bf16 in, bf16 out."""
+    images = torch.randn(6, 3, 8, 8)
+    torch.manual_seed(5)
+    first = mixture.flatten(images)
+    torch.manual_seed(5)
+    assert torch.equal(first, mixture.flatten(images)) and not torch.equal(first, images)
+    assert mixture.flatten(images.bfloat16()).dtype == torch.bfloat16
+
+
+# ---- CutMix between branches, box features
+
+def test_cutmix_swaps_the_same_box_between_the_two_views():
+    """x1m = x1 with the box's pixels from x2, x2m = x2 with the same pixels from x1, exactly."""
+    torch.manual_seed(6)
+    x1, x2 = torch.randn(3, 2, 8, 10), torch.randn(3, 2, 8, 10)
+    boxes = torch.tensor([[0, 0, 5, 4], [3, 2, 10, 8], [1, 1, 2, 2]], dtype=torch.float32)
+    x1m, x2m = mixture.cutmix(x1, x2, boxes)
+    for b in range(3):
+        mask = _box_mask(boxes[b], 8, 10)
+        assert torch.equal(x1m[b], torch.where(mask, x2[b], x1[b]))
+        assert torch.equal(x2m[b], torch.where(mask, x1[b], x2[b]))
+
+
+def _upsampled_means(feature_map, boxes, factor):
+    """The reference: nearest-upsample the map by factor, then mean over the box's pixel mask and its complement."""
+    big = F.interpolate(feature_map, scale_factor=factor, mode="nearest")
+    masks = torch.stack([_box_mask(box, *big.shape[2:]) for box in boxes])[:, None]
+    inside = (big * masks).sum(dim=(2, 3)) / masks.sum(dim=(2, 3))
+    outside = (big * ~masks).sum(dim=(2, 3)) / (~masks).sum(dim=(2, 3))
+    return inside, outside
+
+
+@pytest.mark.parametrize("fractional", [False, True])
+def test_box_means_equal_the_mask_means_of_the_nearest_upsampled_map(fractional):
+    """box_means = mean over the box and over the rest of the map nearest-upsampled by stride; fractional corners too."""
+    torch.manual_seed(7)
+    N, C, h, w, stride = 6, 5, 4, 3, 8
+    feature_map = torch.randn(N, C, h, w)
+    boxes = mixture.random_boxes(N, h * stride, w * stride, 0.25, 0.75)
+    if fractional:   # half-pixel corners: the reference upsamples twice as far, where they are whole pixels
+        boxes = boxes + torch.tensor([0.5, 0.5, -0.5, -0.5]) * (torch.arange(N) % 2)[:, None]
+    inside, outside = mixture.box_means(feature_map, boxes, stride)
+    factor = 2 if fractional else 1
+    expected = _upsampled_means(feature_map, boxes * factor, stride * factor)
+    torch.testing.assert_close(inside, expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outside, expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_box_means_of_a_box_on_whole_cells_is_the_plain_mean_of_those_cells():
+    """A box covering exactly cells (0..1, 1) of a 2x3 map reads their plain mean; the rest, the other 4 cells'."""
+    feature_map = torch.arange(6.0).view(1, 1, 2, 3)                              # [[0, 1, 2], [3, 4, 5]]
+    inside, outside = mixture.box_means(feature_map, torch.tensor([[4.0, 0, 8, 8]]), 4)
+    assert inside.item() == (1 + 4) / 2 and outside.item() == (0 + 2 + 3 + 5) / 4
+
+
+# ==================================================================================================
 # models.py
 # ==================================================================================================
 
@@ -1029,6 +1416,134 @@ def test_few_sgd_steps_lower_the_loss(framework, local_mode, device):
     assert sum(history[-2:]) / 2 < ratio * history[0], history
 
 
+# ---- learners with --mix: flatten, cutmix, their queues
+
+def _eval_learner(framework, **kwargs):
+    """A tiny learner in eval mode (BN on running statistics, so hand computations see the same BN)."""
+    torch.manual_seed(0)
+    if framework == "moco":
+        learner = models.MoCo("resnet18", "cifar", dim=8, **{"queue_size": 0, **kwargs})
+    else:
+        learner = models.BYOL("resnet18", "cifar", dim=8, hidden_dim=16, **kwargs)
+    return learner.eval()
+
+
+def _views(B=6, size=16, seed=10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, size, size, generator=g), torch.randn(B, 3, size, size, generator=g)
+
+
+def test_moco_flatten_loss_is_info_nce_of_the_flattened_query_against_unmixed_keys():
+    """MoCo --mix flatten: loss_global = info_nce(online(flatten(x1)), keys of the unmixed x2, own index, queue)."""
+    learner = _eval_learner("moco", queue_size=12, mix="flatten", mix_global_p=0.5, mix_region_p=0.5)
+    x1, x2 = _views()
+    queue = learner.queue.clone()
+    with torch.no_grad():
+        torch.manual_seed(11)
+        out = learner(x1, x2)
+        torch.manual_seed(11)
+        query = mixture.flatten(x1, 0.5, 0.5)
+        keys = F.normalize(learner.target(x2), dim=1)
+        expected = losses.info_nce(learner.online(query), keys, torch.arange(6), queue=queue, temperature=0.2)
+    assert not torch.equal(query, x1)
+    torch.testing.assert_close(out["loss_global"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-5)
+    assert out["loss_mix"] == 0 and out["loss_local"] == 0
+
+
+def test_byol_flatten_loss_uses_flattened_online_views_and_unmixed_targets():
+    """BYOL --mix flatten: l(pred(online(flat x1)), target(x2)) + l(pred(online(flat x2)), target(x1))."""
+    learner = _eval_learner("byol", mix="flatten")
+    x1, x2 = _views()
+    own = torch.arange(6)
+    with torch.no_grad():
+        torch.manual_seed(12)
+        out = learner(x1, x2)
+        torch.manual_seed(12)
+        v1, v2 = mixture.flatten(x1), mixture.flatten(x2)
+        p1, p2 = learner.predictor(learner.online(v1)), learner.predictor(learner.online(v2))
+        z1, z2 = learner.target(x1), learner.target(x2)
+        expected = losses.byol_loss(p1, z2, own) + losses.byol_loss(p2, z1, own)
+    torch.testing.assert_close(out["loss_global"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-5)
+    assert out["loss_mix"] == 0
+
+
+def _hand_box_embeddings(encoder, images, boxes):
+    """(whole, inside, outside) embeddings by hand: head conv-BN-ReLU map, nearest-upsampled mask means, MLP."""
+    feature_map = encoder.head[:3](encoder.trunk(images))
+    inside, outside = _upsampled_means(feature_map, boxes, encoder.trunk.stride)
+    return encoder(images), encoder.head[-1](inside), encoder.head[-1](outside)
+
+
+def _record_boxes(monkeypatch):
+    """Record what mixture.random_boxes returns (the cutmix boxes of a forward)."""
+    drawn, original = [], mixture.random_boxes
+    monkeypatch.setattr(mixture, "random_boxes", lambda *args: drawn.append(original(*args)) or drawn[-1])
+    return drawn
+
+
+def test_moco_cutmix_loss_is_the_four_terms_by_hand_and_fills_the_three_queues(monkeypatch):
+    """MoCo --mix cutmix: loss_mix = lam L_mixed + (1 - lam)(L_L<->G + L_L<->L + L_G<->G), loss = L_original + loss_mix;
+    then the keys, k^L and k^G fill queue, queue_local and queue_global at the same slots."""
+    B, lam, T = 6, 0.3, 0.2
+    learner = _eval_learner("moco", queue_size=12, mix="cutmix", mix_weight=lam)
+    drawn = _record_boxes(monkeypatch)
+    x1, x2 = _views(B)
+    queues = [learner.queue.clone(), learner.queue_local.clone(), learner.queue_global.clone()]
+    with torch.no_grad():
+        out = learner(x1, x2)
+        (boxes,) = drawn
+        masks = torch.stack([_box_mask(box, 16, 16) for box in boxes])[:, None]
+        x1m, x2m = torch.where(masks, x2, x1), torch.where(masks, x1, x2)
+        q_mixed, q_local, q_global = _hand_box_embeddings(learner.online, x1m, boxes)
+        _, k_local, k_global = (F.normalize(k, dim=1) for k in _hand_box_embeddings(learner.target, x2m, boxes))
+        keys = F.normalize(learner.target(x2), dim=1)
+        nce = lambda q, k, queue: losses.info_nce(q, k, torch.arange(B), queue=queue, temperature=T)
+        original = nce(learner.online(x1), keys, queues[0])
+        mixed = nce(q_mixed, keys, queues[0])
+        local_global, local_local = nce(q_local, k_global, queues[2]), nce(q_local, k_local, queues[1])
+        global_global = nce(q_global, k_global, queues[2])
+    expected_mix = lam * mixed + (1 - lam) * (local_global + local_local + global_global)
+    torch.testing.assert_close(out["loss_global"], original, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss_mix"], expected_mix, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss"], original + expected_mix, rtol=1e-5, atol=1e-5)
+    for queue, before, written in zip((learner.queue, learner.queue_local, learner.queue_global), queues,
+                                      (keys, k_local, k_global)):
+        torch.testing.assert_close(queue[:B], written, rtol=1e-5, atol=1e-6)
+        assert torch.equal(queue[B:], before[B:])
+    assert int(learner.queue_ptr) == B
+
+
+def test_moco_cutmix_queues_wrap_together(monkeypatch):
+    """Three steps of 6 keys into queues of 8: each queue holds the last keys at (ptr + i) mod 8; one pointer."""
+    learner = _eval_learner("moco", queue_size=8, mix="cutmix")
+    written, original = [], learner.enqueue
+    monkeypatch.setattr(learner, "enqueue", lambda *keys: written.append(keys) or original(*keys))
+    with torch.no_grad():
+        for step in range(3):
+            learner(*_views(6, seed=step))
+    assert int(learner.queue_ptr) == 18 % 8 and all(len(keys) == 3 for keys in written)
+    slots = [(6 * step + i) % 8 for step in range(3) for i in range(6)]           # later writes win
+    for q, name in enumerate(learner.queues):
+        expected = {slot: written[n // 6][q][n % 6] for n, slot in enumerate(slots)}
+        for slot, row in expected.items():
+            assert torch.equal(getattr(learner, name)[slot], row)
+
+
+def test_mix_modes_register_queues_only_for_cutmix_and_byol_refuses_cutmix():
+    """Only --mix cutmix adds queue_local and queue_global; BYOL(mix='cutmix') and unknown modes are ValueErrors."""
+    names = lambda learner: sorted(name for name, _ in learner.named_buffers() if name.startswith("queue"))
+    assert names(_eval_learner("moco", queue_size=8)) == ["queue", "queue_ptr"]
+    assert names(_eval_learner("moco", queue_size=8, mix="flatten")) == ["queue", "queue_ptr"]
+    assert names(_eval_learner("moco", queue_size=8, mix="cutmix")) == ["queue", "queue_global", "queue_local",
+                                                                         "queue_ptr"]
+    with pytest.raises(ValueError, match="cutmix"):
+        models.BYOL("resnet18", "cifar", dim=8, hidden_dim=16, mix="cutmix")
+    with pytest.raises(ValueError, match="mixup"):
+        models.MoCo("resnet18", "cifar", dim=8, queue_size=0, mix="mixup")
+
+
 # ==================================================================================================
 # data.py
 # ==================================================================================================
@@ -1212,8 +1727,88 @@ def test_train_loader_same_batches_whatever_the_workers():
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
 
 
+# ---- --dataset imagenet100 (imagenet100.txt)
+
+EXTRA = "n99999999"   # a 101st class folder, not in the list
+
+
+def _listed_classes():
+    with open(os.path.join(HERE, "imagenet100.txt")) as file:
+        return [line.strip() for line in file if line.strip() and not line.startswith("#")]
+
+
+def _tree(root, classes, count):
+    """root/<class>/<i>.JPEG, 4x4 images."""
+    for c in classes:
+        os.makedirs(root / c)
+        for i in range(count):
+            Image.new("RGB", (4, 4), (40 * i, 0, 0)).save(root / c / f"{i}.JPEG")
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    """A fake ImageNet: train/ with the 100 listed classes + EXTRA (2 images each), val/ with the 100 (1 each)."""
+    root = tmp_path_factory.mktemp("imagenet")
+    _tree(root / "train", _listed_classes() + [EXTRA], 2)
+    _tree(root / "val", _listed_classes(), 1)
+    return root
+
+
+def test_shipped_list_is_the_100_distinct_cmc_synsets_with_its_source_named():
+    """imagenet100.txt: a comment naming CMC as the source, then 100 distinct WordNet ids (n + 8 digits)."""
+    with open(os.path.join(HERE, "imagenet100.txt")) as file:
+        text = file.read()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert text.startswith("#") and "Contrastive Multiview Coding" in " ".join(header)
+    listed = _listed_classes()
+    assert len(listed) == len(set(listed)) == 100
+    assert all(len(c) == 9 and c[0] == "n" and c[1:].isdigit() for c in listed)
+    assert {"n02869837", "n01749939", "n02090622", "n01855672"} <= set(listed)   # first and last of CMC's list
+
+
+def test_imagenet100_selects_the_listed_classes_in_sorted_order_and_never_lists_others(imagenet, monkeypatch):
+    """--dataset imagenet100 keeps exactly the 100 listed classes, indexed in sorted synset order; neither the
+    root nor the extra class folder is ever listed."""
+    listed_dirs = []
+    for name in ("scandir", "listdir"):
+        original = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path=".", _original=original: listed_dirs.append(str(path))
+                            or _original(path))
+    folder = data.build_dataset("imagenet100", str(imagenet / "train"), True, None)
+    monkeypatch.undo()
+    assert folder.classes == sorted(_listed_classes()) and len(folder) == 200
+    assert folder.class_to_idx == {c: i for i, c in enumerate(sorted(_listed_classes()))}
+    assert all(os.path.basename(os.path.dirname(path)) == folder.classes[label] for path, label in folder.samples)
+    assert listed_dirs and str(imagenet / "train") not in listed_dirs
+    assert not [path for path in listed_dirs if EXTRA in path]
+    assert not [path for path, _ in folder.samples if EXTRA in path]
+
+
+def test_imagenet100_val_split_is_val_beside_data(imagenet):
+    """build_splits('imagenet100') takes val/ beside --data, with the same 100 classes."""
+    train_set, val_set, classes = data.build_splits("imagenet100", str(imagenet / "train"), None, None, None, 32, 8)
+    assert (len(train_set), len(val_set), classes) == (200, 100, 100)
+    assert all(path.startswith(str(imagenet / "val")) for path, _ in val_set.samples)
+
+
+def test_imagenet100_missing_classes_fail_in_one_line_naming_the_count_and_an_example(tmp_path):
+    """A tree lacking 3 of the 100 classes: one-line SystemExit naming 3, the root and the first missing synset."""
+    listed = sorted(_listed_classes())
+    missing = [listed[5], listed[50], listed[97]]
+    _tree(tmp_path, [c for c in listed if c not in missing], 1)
+    with pytest.raises(SystemExit) as error:
+        data.build_dataset("imagenet100", str(tmp_path), True, None)
+    assert_one_line_error(error.value, f"3 of the 100 ImageNet-100 classes are missing under {tmp_path}, "
+                                       f"e.g. {missing[0]}")
+
+
+def test_train_accepts_dataset_imagenet100():
+    """train.py parses --dataset imagenet100 (shared add_data_args)."""
+    assert train.parse_args(["--dataset", "imagenet100", "--data", "imagenet/train"]).dataset == "imagenet100"
+
+
 # ==================================================================================================
-# train.py: units (LARS, build_optimizer, schedules, parse_args)
+# train.py: units (LARS, build_optimizer, schedules, parse_args, train_step)
 # ==================================================================================================
 
 def test_lars_step_matches_the_formula():
@@ -1317,6 +1912,29 @@ def test_parse_args_demo_recipe_per_framework_and_its_data(tmp_path, monkeypatch
     demo = train.parse_args(["--demo"])
     assert (demo.dataset, demo.data) == ("imagefolder", os.path.join("data", "cifar10-jpg", "train"))
     assert train.parse_args(["--demo", "--data", "elsewhere"]).data == "elsewhere"
+
+
+@pytest.mark.parametrize("framework", ["moco", "byol"])
+@pytest.mark.parametrize("views", ["two", "multicrop", "mosaic"])
+def test_train_step_from_uint8_batch_under_bf16_autocast(framework, views):
+    """train.train_step takes the loader's uint8 batch, augments it on the device and steps, under bf16 autocast,
+    for each framework x view mode: finite losses, the weights move."""
+    args = train.parse_args(["--framework", framework, "--views", views, "--arch", "resnet18", "--image-size", "64",
+                             "--crop-size", "32", "--batch-size", "4", "--queue-size", "0", "--lr", "0.1"])
+    learner, model = train.build_learner(args, torch.device("cpu"), 1)
+    optimizer = train.build_optimizer(learner, args, 0.1)
+    scaler = torch.amp.GradScaler(enabled=False)
+    autocast = torch.autocast("cpu", torch.bfloat16)
+    M = 0 if views == "two" else 4
+    g = torch.Generator().manual_seed(0)
+    batch = ((torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g),
+              torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=g),
+              torch.randint(0, 256, (4, M, 3, 32, 32), dtype=torch.uint8, generator=g)), torch.zeros(4))
+    before = learner.backbone.conv1.weight.detach().clone()
+    losses, stop = train.train_step(batch, model, optimizer, scaler, autocast, args, torch.device("cpu"), 0, [])
+    assert not stop and math.isfinite(losses["loss"].item())
+    assert (losses["loss_local"] > 0) == (views != "two")
+    assert not torch.equal(before, learner.backbone.conv1.weight)
 
 
 # ==================================================================================================
@@ -1612,8 +2230,132 @@ def test_linear_cli_cached_reaches_the_separable_accuracy(image_folders, tmp_pat
         assert head["last_top1"] == pytest.approx(h[-1], abs=0.05)
 
 
+# ---- both eval scripts on --dataset imagenet100
+
+@pytest.mark.parametrize("script", [eval_knn, eval_linear])
+def test_eval_scripts_run_on_imagenet100(script, imagenet, tmp_path, monkeypatch):
+    """eval_knn.py and eval_linear.py take --dataset imagenet100 and evaluate on its 100 classes (val/ beside)."""
+    extra = ["--k", "1"] if script is eval_knn else ["--epochs", "1", "--lr", "0.1"]
+    monkeypatch.setattr(sys, "argv", [script.__name__, "--weights", "random", "--arch", "resnet18", "--stem", "cifar",
+                                      "--dataset", "imagenet100", "--data", str(imagenet / "train"), "--image-size",
+                                      "8", "--workers", "0", "--batch-size", "100", "--out", str(tmp_path / "r.json"),
+                                      *extra])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny convolutions on shared cores
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "r.json") as file:
+        result = json.load(file)
+    assert (result["args"]["dataset"], result["num_train"], result["num_classes"]) == ("imagenet100", 200, 100)
+
+
 # ==================================================================================================
-# train.py end to end: frameworks x view modes, DDP, resume, export, bad input, failures
+# detection/convert_detectron2.py
+# ==================================================================================================
+
+# torchvision ResNet-50 key -> detectron2 key, written out by hand.
+RESNET50_TABLE = {
+    "conv1.weight": "stem.conv1.weight",
+    "bn1.weight": "stem.conv1.norm.weight",
+    "bn1.running_var": "stem.conv1.norm.running_var",
+    "layer1.0.conv1.weight": "res2.0.conv1.weight",
+    "layer1.0.bn1.bias": "res2.0.conv1.norm.bias",
+    "layer1.0.downsample.0.weight": "res2.0.shortcut.weight",
+    "layer1.0.downsample.1.running_mean": "res2.0.shortcut.norm.running_mean",
+    "layer1.2.bn3.weight": "res2.2.conv3.norm.weight",
+    "layer2.0.downsample.0.weight": "res3.0.shortcut.weight",
+    "layer2.0.downsample.1.weight": "res3.0.shortcut.norm.weight",
+    "layer2.3.conv2.weight": "res3.3.conv2.weight",
+    "layer3.0.downsample.0.weight": "res4.0.shortcut.weight",
+    "layer3.0.downsample.1.bias": "res4.0.shortcut.norm.bias",
+    "layer3.5.bn2.running_mean": "res4.5.conv2.norm.running_mean",
+    "layer4.0.downsample.0.weight": "res5.0.shortcut.weight",
+    "layer4.0.downsample.1.num_batches_tracked": "res5.0.shortcut.norm.num_batches_tracked",
+    "layer4.2.conv3.weight": "res5.2.conv3.weight",
+    "layer4.2.bn3.bias": "res5.2.conv3.norm.bias",
+}
+
+
+@pytest.fixture(scope="module")
+def resnet50_state():
+    """torchvision's resnet50 state_dict, fc included, with non-default values so that a mix-up would show."""
+    torch.manual_seed(0)
+    state = torchvision.models.resnet50().state_dict()
+    for key, value in state.items():
+        if value.is_floating_point():
+            value.copy_(torch.randn_like(value))
+    return state
+
+
+def test_convert_renames_resnet50_keys_to_detectron2_and_drops_fc(resnet50_state):
+    """convert: the hand-written torchvision -> detectron2 table holds, every tensor keeps its values, fc.* is
+    dropped and nothing else: one output per torchvision key minus fc.weight and fc.bias."""
+    converted = convert_detectron2.convert(resnet50_state)
+    model = converted["model"]
+    assert converted["__author__"] == "MosRep" and converted["matching_heuristics"] is True
+    for old, new in RESNET50_TABLE.items():
+        assert np.array_equal(model[new], resnet50_state[old].numpy()), (old, new)
+    assert len(model) == len(resnet50_state) - 2 == 318
+    assert not [key for key in model if "fc" in key or "layer" in key or "bn" in key or "downsample" in key]
+    assert sorted({key.split(".")[0] for key in model}) == ["res2", "res3", "res4", "res5", "stem"]
+
+
+def _backbone(tmp_path, stem="imagenet", checkpoint=False):
+    """A resnet18 Trunk's state_dict saved as backbone.pth, or inside a train.py-style checkpoint.pth."""
+    torch.manual_seed(1)
+    state = models.Trunk("resnet18", stem).state_dict()
+    path = tmp_path / ("checkpoint.pth" if checkpoint else "backbone.pth")
+    torch.save({"learner": {}, "backbone": state, "args": {"arch": "resnet18", "stem": stem}} if checkpoint
+               else state, path)
+    return state, str(path)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_convert_cli_round_trips_every_tensor_through_pickle_and_numpy(tmp_path, checkpoint):
+    """The CLI on a backbone.pth or checkpoint.pth writes a pickle that pickle + numpy alone read back: every
+    trunk tensor under its detectron2 name, same dtype, shape and values, and matching_heuristics True."""
+    state, path = _backbone(tmp_path, checkpoint=checkpoint)
+    convert_detectron2.main([path, str(tmp_path / "d2.pkl")])
+    with open(tmp_path / "d2.pkl", "rb") as file:
+        written = pickle.load(file)
+    assert set(written) == {"model", "__author__", "matching_heuristics"} and written["matching_heuristics"] is True
+    assert len(written["model"]) == len(state)
+    for key, tensor in state.items():
+        array = written["model"][convert_detectron2.detectron2_key(key)]
+        assert isinstance(array, np.ndarray) and array.dtype == tensor.numpy().dtype
+        assert np.array_equal(array, tensor.numpy()), key
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_convert_refuses_cifar_stem_weights_in_one_line(tmp_path, checkpoint):
+    """A --stem cifar trunk (3x3 conv1), as backbone.pth or checkpoint.pth: one-line error, nothing written."""
+    _, path = _backbone(tmp_path, "cifar", checkpoint)
+    with pytest.raises(SystemExit) as error:
+        convert_detectron2.main([path, str(tmp_path / "d2.pkl")])
+    assert_one_line_error(error.value, "--stem cifar")
+    assert not (tmp_path / "d2.pkl").exists()
+
+
+def test_convert_bad_input_and_output_fail_in_one_line(tmp_path):
+    """A missing file, a file without a ResNet state_dict, an unwritable output: one-line errors naming the path."""
+    out = str(tmp_path / "d2.pkl")
+    with pytest.raises(SystemExit) as error:
+        convert_detectron2.main([str(tmp_path / "nope.pth"), out])
+    assert_one_line_error(error.value, "nope.pth does not exist")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(SystemExit) as error:
+        convert_detectron2.main([str(tmp_path / "other.pth"), out])
+    assert_one_line_error(error.value, "other.pth holds no ResNet state_dict")
+    _, path = _backbone(tmp_path)
+    with pytest.raises(SystemExit) as error:
+        convert_detectron2.main([path, str(tmp_path / "no" / "such" / "d2.pkl")])
+    assert_one_line_error(error.value, "cannot write")
+
+
+# ==================================================================================================
+# train.py end to end: frameworks x view modes, DDP, resume, --mix, export, bad input, failures
 # ==================================================================================================
 
 TINY = ["--dataset", "fake", "--fake-size", "32", "--arch", "resnet18", "--stem", "cifar", "--image-size", "32",
@@ -1694,6 +2436,31 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["lr"] == b["lr"] and a["ema"] == b["ema"]
 
+
+MIX_TINY = ["--dataset", "fake", "--fake-size", "32", "--arch", "resnet18", "--stem", "cifar", "--image-size", "16",
+        "--crop-size", "8", "--jitter", "2", "--batch-size", "8", "--workers", "0", "--log-every", "1",
+        "--queue-size", "32"]   # 4 steps per epoch
+
+
+def _read_steps(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if not r.get("final")]
+
+
+@pytest.mark.parametrize("framework,mix", [("moco", "cutmix"), ("byol", "flatten")])
+def test_resume_with_a_mixture_repeats_the_uninterrupted_run(tmp_path, framework, mix):
+    """With --mix (and mosaic views), stopping after 1 step and resuming gives the same losses at steps 2-3."""
+    flags = MIX_TINY + ["--framework", framework, "--mix", mix]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train.main(flags + ["--max-steps", "3", "--out", straight])
+    train.main(flags + ["--max-steps", "1", "--out", split])
+    train.main(flags + ["--max-steps", "3", "--out", split, "--resume"])
+    expected, got = _read_steps(straight), _read_steps(split)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert all((r["loss_mix"] > 0) == (mix == "cutmix") for r in got)
+    for a, b in zip(expected, got):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+        assert a["loss_mix"] == pytest.approx(b["loss_mix"], rel=1e-4, abs=1e-5)
 
 def test_exported_backbone_loads_into_torchvision(tmp_path):
     """backbone.pth is a torchvision resnet18 state_dict (only fc.* missing), equal to the online trunk."""
@@ -1780,6 +2547,24 @@ def test_bad_input_is_a_one_line_error_before_any_step(tmp_path, monkeypatch, ex
     if (tmp_path / "afile").exists():
         assert (tmp_path / "afile").read_text() == "keep me"
 
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--framework", "byol", "--mix", "cutmix"], "--mix cutmix is defined for MoCo only"),
+    (["--mix", "flatten", "--batch-size", "4"], "--mix flatten needs 5 images or more per process (has 4"),
+    (["--mix", "flatten", "--mix-global-p", "0.6", "--mix-region-p", "0.5"], "--mix-global-p + --mix-region-p <= 1"),
+    (["--mix", "flatten", "--mix-region-p", "-0.1"], "--mix-region-p -0.1 must be within [0, 1]"),
+    (["--mix", "cutmix", "--framework", "moco", "--mix-weight", "2"], "--mix-weight 2.0 must be within [0, 1]"),
+], ids=["byol-cutmix", "flatten-small-batch", "flatten-p-sum", "negative-p", "weight-above-1"])
+def test_bad_mixture_flags_are_one_line_errors_before_any_step(tmp_path, monkeypatch, extra, fragment):
+    """Bad --mix combinations stop train.main with one 'error: ...' line naming the fix, before any step."""
+    def no_step(*args, **kwargs):
+        raise AssertionError("a training step ran")
+    monkeypatch.setattr(models.MoCo, "forward", no_step)
+    monkeypatch.setattr(models.BYOL, "forward", no_step)
+    with pytest.raises(SystemExit) as error:
+        train.main(MIX_TINY + ["--views", "two", "--out", str(tmp_path / "run")] + extra)
+    message = str(error.value.code)
+    assert message.startswith("error:") and "\n" not in message and fragment in message, message
 
 def test_demo_without_its_data_and_offline_says_how_to_provide_it(tmp_path, monkeypatch):
     """python train.py --demo with no data/cifar10-jpg and no internet ends in one line naming data/cifar10-jpg."""
@@ -2076,6 +2861,232 @@ def test_end_to_end_byol_demo_learns_without_collapse(cifar, tmp_path):
     assert all(r["loss_local"] > 0 for r in steps)
     assert all(r["target_std"] > 0.2 for r in steps), [r["target_std"] for r in steps]
     assert set(final["knn_top1"]) == {"trained", "random-init"}
+
+
+# ==================================================================================================
+# check_gpu.py
+# ==================================================================================================
+
+def all_steps(args):
+    """Every step of the plan, stage 4 with E = 1, as the dry run lists them."""
+    return [s for group in check_gpu.static_plan(args) for s in group] + [check_gpu.calibration_step(args)] + [
+        s for f in ("moco", "byol") for v in check_gpu.VIEWS for s in check_gpu.cifar_steps(args, f, v, 1)]
+
+
+def dry_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(HERE)
+    code = check_gpu.main(["--dry-run", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def plan_args(out):
+    """The arguments main() gives the plan on this machine (no GPU: one torchrun process)."""
+    return argparse.Namespace(out=str(out), data=os.path.join("data", "cifar10-jpg"), archive=None, nproc=1,
+                              workers=check_gpu.build_parser().parse_args([]).workers, minutes=8.0)
+
+
+# ---- the dry run, the no-GPU stop, the device switch
+
+def test_dry_run_lists_every_stage_and_command_and_all_parse(tmp_path, capsys, monkeypatch):
+    """--dry-run on a CPU machine exits 0, shows the four stages and every command of the plan, each marked ok."""
+    code, out, err = dry_run(tmp_path, capsys, monkeypatch)
+    assert code == 0, err
+    for number, title in check_gpu.STAGES.items():
+        assert f"\n{number}. {title}\n" in out
+    steps = all_steps(plan_args(tmp_path))
+    assert len(steps) == 30
+    for step in steps:
+        assert f"$ {check_gpu.shown(step)}\n      ok: " in out, step.name
+    assert out.count("      ok: ") == len(steps) and "FAILS" not in out
+    assert re.search(r"pytest-on-cuda\n.*\n      ok: collects [1-9]\d* tests", out)
+    assert not os.listdir(tmp_path)   # nothing ran, nothing written
+
+
+def test_dry_run_catches_a_broken_command(tmp_path, capsys, monkeypatch):
+    """A flag that train.py does not know, in the plan's small runs, fails the dry run: exit 1, one error line."""
+    monkeypatch.setattr(check_gpu, "TINY", check_gpu.TINY + ["--no-such-flag"])
+    code, out, err = dry_run(tmp_path, capsys, monkeypatch)
+    assert code == 1
+    assert err.startswith("error: 12 of 30 commands do not parse (") and err.count("\n") == 1, err
+    assert "FAILS: train.py refuses it: error: unrecognized arguments: --no-such-flag" in out
+    assert "torchrun-byol-1-process" in err and "sync" in err and "cifar-moco-two" not in err
+
+
+def test_every_command_of_the_plan_is_really_parsed():
+    """check_command accepts each command of the plan, and refuses each one given an unknown flag."""
+    for step in all_steps(plan_args("runs/check_gpu")):
+        assert check_gpu.check_command(step.argv, step.env)[0], step.name
+        ok, message = check_gpu.check_command(step.argv + ["--no-such-flag"], step.env)
+        assert not ok and "--no-such-flag" in message, (step.name, message)
+
+
+def test_bench_is_parsed_as_on_a_cuda_machine_and_a_bad_value_is_caught():
+    """bench.py's --device cuda parses on a CPU-only machine (as on a GPU one); a bad --amp value does not."""
+    bench = [PY, *check_gpu.BENCH]
+    assert check_gpu.check_command(bench) == (True, "bench.parse_args accepts it")
+    ok, message = check_gpu.check_command(bench + ["--amp", "fp8"])
+    assert not ok and "invalid choice: 'fp8'" in message
+
+
+def test_without_cuda_the_check_stops_with_one_line(tmp_path, monkeypatch):
+    """Without a CUDA GPU the check stops before any work: one line 'error: no CUDA GPU ...', exit status 1."""
+    monkeypatch.chdir(HERE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        check_gpu.main(["--out", str(tmp_path / "report")])
+    message = stopped.value.code
+    assert isinstance(message, str)   # a str exit code: Python prints it and exits with status 1
+    assert message.startswith("error: no CUDA GPU") and "\n" not in message and "--dry-run" in message
+    assert not (tmp_path / "report").exists()
+
+
+def test_test_device_switch_defaults_to_cpu_and_selects_the_same_tests():
+    """Without MOSREP_TEST_DEVICE the device-switched tests of test_mosrep.py get [on_cpu] ids and none is on cuda;
+    they are the tests that the check selects with MOSREP_TEST_DEVICE=cuda and -k on_cuda."""
+    env = {k: v for k, v in os.environ.items() if k != "MOSREP_TEST_DEVICE"}
+    listed = subprocess.run([PY, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "test_mosrep.py",
+                             "-k", "on_cpu or on_cuda"], cwd=HERE, capture_output=True, text=True,
+                            env={**env, "OMP_NUM_THREADS": "1"}).stdout
+    ids = [line for line in listed.splitlines() if line.startswith("test_mosrep.py::")]
+    assert ids and all(re.search(r"\[(.+-)?on_cpu(-.+)?\]$", line) for line in ids), listed[-500:]
+    ok, message = check_gpu.check_command([PY, *check_gpu.PYTEST], {"MOSREP_TEST_DEVICE": "cuda"})
+    assert ok and message.startswith(f"collects {len(ids)} tests")
+
+
+# ---- the runner: budget, failures, timeouts, report
+
+def runner(tmp_path, minutes=1.0):
+    return Runner(argparse.Namespace(out=str(tmp_path), minutes=minutes), time.monotonic())
+
+
+def python_step(name, code, need_s=0, cap_s=60, verdict=None):
+    return Step("2d", name, [PY, "-c", code], need_s, cap_s, verdict)
+
+
+def test_a_failing_step_is_reported_with_its_log_and_the_next_still_runs(tmp_path):
+    """A step that exits non-zero is FAILED with its error line and log tail in the report; the next step runs."""
+    run = runner(tmp_path)
+    run.run([python_step("breaks", "import sys; print('working'); sys.exit('error: boom, fix the flag')")])
+    run.run([python_step("works", "print('fine')", verdict=lambda log: "it said " + open(log).read().split()[-1])])
+    assert [(r["name"], r["status"]) for r in run.results] == [("breaks", "FAILED"), ("works", "passed")]
+    assert run.results[0]["summary"] == "exit code 1: error: boom, fix the flag"
+    assert run.results[1]["summary"] == "it said fine"
+    log = (tmp_path / "breaks.log").read_text()
+    assert log.startswith("$ python -c ") and "working\nerror: boom, fix the flag\n" in log
+    report = (tmp_path / "report.md").read_text()
+    assert "| 2d | [breaks](breaks.log) | FAILED |" in report and "```\n$ python -c" in report
+
+
+def test_a_verdict_that_finds_a_fault_fails_the_step(tmp_path):
+    """A step that exits 0 but whose outputs fail their check is FAILED with the verdict's message."""
+    def verdict(log):
+        raise CheckFailed("the run ended at step 3, not 20")
+    run = runner(tmp_path)
+    [result] = run.run([python_step("short", "pass", verdict=verdict)])
+    assert result["status"] == "FAILED" and result["summary"] == "CheckFailed: the run ended at step 3, not 20"
+
+
+def test_a_step_that_would_overrun_the_budget_is_skipped_and_reported(tmp_path):
+    """A step needing more than the time left is not started: 'skipped', with the time it needs and the time left."""
+    run = runner(tmp_path, minutes=0.5)   # 30 s, 5 of them kept for the report
+    [result] = run.run([python_step("long", "open('ran', 'w')", need_s=60)])
+    assert result["status"] == "skipped" and re.fullmatch(r"would overrun the budget: needs ~60 s, 2\d s left",
+                                                          result["summary"])
+    assert not os.path.exists(os.path.join(HERE, "ran")) and not (tmp_path / "long.log").exists()
+    assert "| 2d | [long](long.log) | skipped |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_step_gets_its_timeout_from_the_budget_left(tmp_path):
+    """A step runs at most min(its cap, the time left): here the budget's ~3 s, then it is stopped."""
+    run = runner(tmp_path, minutes=8 / 60)   # 8 s, 5 of them kept for the report
+    began = time.monotonic()
+    [result] = run.run([python_step("hangs", "import time; time.sleep(60)", cap_s=600)])
+    assert result["status"] == "timed out" and 2 < time.monotonic() - began < 20
+    assert re.fullmatch(r"stopped at its limit of [23] s", result["summary"])
+
+
+def test_steps_of_one_group_run_at_the_same_time(tmp_path):
+    """Steps handed to run() together run concurrently: three 2-second steps take well under 6 seconds."""
+    run = runner(tmp_path)
+    began = time.monotonic()
+    results = run.run([python_step(f"s{i}", "import time; time.sleep(2)") for i in range(3)])
+    assert [r["status"] for r in results] == ["passed"] * 3 and time.monotonic() - began < 5
+
+
+# ---- verdicts and choices
+
+def write_log(out, losses, final_step=None):
+    os.makedirs(out, exist_ok=True)
+    records = [{"step": s, "loss": v} for s, v in enumerate(losses, 1)]
+    records.append({"final": True, "step": final_step or len(losses)})
+    with open(os.path.join(out, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_resume_verdict_passes_repeated_losses_and_fails_a_drift(tmp_path):
+    """The resumed losses pass within 10x the nondeterminism of steps 1-10 + 1e-4 of the loss, and fail beyond."""
+    losses = [8.0 - 0.01 * s for s in range(20)]
+    write_log(tmp_path / "a", losses)
+    write_log(tmp_path / "b", [v + 1e-7 for v in losses[:10]] + [v + 5e-4 for v in losses[10:]])
+    check = check_gpu.resume_verdict(str(tmp_path / "a"), str(tmp_path / "b"), 10, 20)
+    assert check(None).startswith("max |loss difference| steps 11-20 after the resume: 5.00e-04; steps 1-10")
+    write_log(tmp_path / "b", [v + 1e-7 for v in losses[:10]] + [v + 2e-3 for v in losses[10:]])
+    with pytest.raises(CheckFailed, match="tolerance 8.01e-04"):
+        check(None)
+    write_log(tmp_path / "b", losses[:15])
+    with pytest.raises(CheckFailed, match="steps logged"):
+        check(None)
+
+
+BENCH_OUTPUT = """# device: NVIDIA H200 | torch 2.14.1 | python 3.11
+framework  views            step ms    img/s  mem MiB  x two   U  ideal  effic.
+-------------------------------------------------------------------------------
+byol       supervised          40.0   3200.0    20000          3
+byol       two                110.0   1163.6    40000   1.00   8  1.000    0.97
+byol       multicrop          150.0    853.3    50000   1.36  11  1.375    0.97
+byol       mosaic             160.0    800.0    50000   1.45  11  1.375    0.91
+byol       two+flatten        111.0   1153.2    40000   1.01   8  1.000    0.96
+  make_mosaic alone: 0.50 ms = 0.3 % of the mosaic step
+  device augmentation (2 views + 4 crops from uint8; not in the steps above): 40.0 ms = 20.0 % of a mosaic step with it
+  data (synthetic PIL, no decode): 150 img/s per worker with 2+4 views (300 with 2 views); x 16 workers = 2400 img/s
+moco       supervised          40.0   3200.0    20000          3
+moco       two                 55.0   2327.3    30000   1.00   4  1.000    0.97
+moco       multicrop           95.0   1347.4    40000   1.73   7  1.750    0.97
+moco       mosaic             100.0   1280.0    40000   1.82   7  1.750    0.89
+moco       mosaic+cutmix      150.0    853.3    50000   2.73  11  2.750    0.89
+  make_mosaic alone: 0.50 ms = 0.5 % of the mosaic step
+  device augmentation (2 views + 4 crops from uint8; not in the steps above): 28.0 ms = 21.9 % of a mosaic step with it
+  data (synthetic PIL, no decode): 160 img/s per worker with 2+4 views (320 with 2 views); x 16 workers = 2560 img/s
+# loader at the paper's geometry: 2 views of 224 px + 4 crops of 112 px, BYOL recipe, one thread; synthetic JPEGs
+# total time 80 s
+RATIO framework=byol multicrop/two=1.36 mosaic/two=1.45 ideal=1.375
+RATIO framework=moco multicrop/two=1.73 mosaic/two=1.82 ideal=1.75
+"""
+
+
+def test_bench_answer_from_the_data_lines_and_from_a_loader_line():
+    """Cores per GPU = ceil(img/s of a mosaic step + its device augmentation / one worker's img/s): the data line
+    per framework, or the LOADER line when bench prints one; one more core stays with the training process."""
+    summary, text = check_gpu.bench_answer(BENCH_OUTPUT, cores=16, gpus=1)
+    assert summary == "loader feeds the GPU: yes (needs 7 cores per GPU)"   # 1280 x 100 / 128 = 1000 img/s / 160
+    assert "byol + mosaic takes 640 img/s per GPU (step 160.0 ms + device augmentation 40.0 ms); one loader " \
+           "worker makes 150 img/s" in text
+    assert "**5 worker core(s) per GPU**" in text and "**7 worker core(s) per GPU**" in text
+    assert "RATIO framework=moco multicrop/two=1.73 mosaic/two=1.82 ideal=1.75\n```" in text
+    summary, text = check_gpu.bench_answer(BENCH_OUTPUT, cores=32, gpus=8)   # 4 cores per GPU, one for training
+    assert summary.startswith("loader feeds the GPU: no") and "has 32 cores for 8 GPU(s)" in text
+    with_loader = BENCH_OUTPUT + "LOADER full_recipe=120.0 loader=640.0 speedup=5.33\n"
+    summary, text = check_gpu.bench_answer(with_loader, cores=16, gpus=1)
+    assert summary == "loader feeds the GPU: yes (needs 2 cores per GPU)"   # 1000 / 640
+    assert "the full CPU recipe: 120.0 img/s" in text
+
+
+def test_choose_epochs_fits_three_runs_and_their_knn():
+    """E = floor((0.9 x left - 3 (start-up + k-NN)) / (3 x epoch)); 0 when one epoch each does not fit."""
+    assert check_gpu.choose_epochs(1000, epoch_s=50, run_s=20, knn_s=10) == 5   # (900 - 90) / 150 = 5.4
+    assert check_gpu.choose_epochs(1000, epoch_s=50, run_s=20, knn_s=10, runs=1) == 17   # (900 - 30) / 50
+    assert check_gpu.choose_epochs(200, epoch_s=50, run_s=20, knn_s=10) == 0
 
 
 # ==================================================================================================
