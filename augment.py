@@ -79,7 +79,7 @@ def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     hue6 = torch.remainder(hue + 6 * shifts.reshape(-1, 1, 1), 6).unsqueeze(1)     # [N, 1, H, W] in [0, 6)
     # HSV -> RGB in closed form: channel n (5, 3, 1 for R, G, B) is value - chroma * clamp(min(k, 4 - k), 0, 1)
     # with k = (n + hue6) mod 6 (chroma = value * saturation).
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=images.device).reshape(1, 3, 1, 1) + hue6, 6)
+    k = torch.remainder(torch.cat([hue6 + 5, hue6 + 3, hue6 + 1], dim=1), 6)        # [N, 3, H, W]
     return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
@@ -105,8 +105,8 @@ def draw_colour_jitter(n: int, strengths, p: float = 0.8, device=None):
     """torchvision ColorJitter's random parameters for n images: factors [n, 4] (brightness, contrast, saturation
     uniform in [1 - s, 1 + s], hue shift in [-s, s]), order [n, 4] (a random permutation of the four ops per
     image, op indices BRIGHTNESS..HUE) and applied [n] (bool, probability p)."""
-    s = torch.tensor(strengths, device=device, dtype=torch.float32)
-    factors = 1 + s * (2 * torch.rand(n, 4, device=device) - 1)                     # [n, 4]
+    u = 2 * torch.rand(n, 4, device=device) - 1                                     # [n, 4] in [-1, 1)
+    factors = torch.stack([1 + s * u[:, op] for op, s in enumerate(strengths)], dim=1)   # no host-to-device copy
     factors[:, HUE] -= 1
     order = torch.rand(n, 4, device=device).argsort(dim=1)                          # [n, 4]
     return factors, order, torch.rand(n, device=device) < p
@@ -151,8 +151,8 @@ def apply_augment(images: torch.Tensor, params: dict) -> torch.Tensor:
     if size >= 64:   # the op costs time even where no image is picked
         x = torch.where(_per_sample(params["blur"]), gaussian_blur(x, params["sigma"], 2 * (size // 20) + 1), x)
     x = torch.where(_per_sample(params["solarize"]), solarize(x), x)
-    mean, std = (torch.tensor(v, device=images.device).reshape(1, 3, 1, 1) for v in (MEAN, STD))
-    return (x - mean) / std
+    # Per channel with Python scalars: a mean/std tensor would be a host-to-device copy at every step.
+    return torch.stack([(channel - m) / s for channel, m, s in zip(x.unbind(1), MEAN, STD)], dim=1)
 
 
 def augment(images: torch.Tensor, framework: str, view: str) -> torch.Tensor:
