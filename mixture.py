@@ -9,9 +9,9 @@
 
 What a caller must know (the contracts):
 - The row itself is every mixture's *main* image, the one mixed in last: in flatten's draws it keeps at least half
-  of the weight (global mixture) or of the pixels, at full intensity (region mixture). A mixed row's positive is therefore still
-  its own image's key. Its n - 1 other images come from the local batch (`partners`): all different from the row
-  and from each other, so a mixture never holds an image twice.
+  of the weight (global mixture) or of the pixels, at full intensity (region mixture). A mixed row's positive is
+  therefore still its own image's key. Its n - 1 other images come from the local batch (`partners`): all
+  different from the row and from each other, so a mixture never holds an image twice.
 - Images should be normalised (mean-subtracted): the decay pulls pixels towards 0, the mean colour only then.
 - Boxes are [N, 4] fp32 (x1, y1, x2, y2) in pixels, half-open: [x1, x2) x [y1, y2), mosaic.py's convention.
   `random_boxes` gives integer corners, so a box is exactly a set of pixels; `box_means` takes any corners.

@@ -273,8 +273,8 @@ def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_st
     log_file.write(json.dumps(record) + "\n")
     log_file.flush()
     print(f"ep {epoch} step {step}/{last_step} loss {record['loss']:.4f} (global {record['loss_global']:.4f} local "
-          f"{record['loss_local']:.4f}) target-std {record['target_std']:.3f} lr {lr:.4g} ema {ema:.5f} "
-          f"{record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% "
+          f"{record['loss_local']:.4f} mix {record['loss_mix']:.4f}) target-std {record['target_std']:.3f} lr {lr:.4g} "
+          f"ema {ema:.5f} {record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% "
           f"eta {(last_step - step) * elapsed / meter['steps'] / 60:.1f} min", flush=True)
     meter.update(since=time.time(), waited=0.0, steps=0)
 
