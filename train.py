@@ -1,7 +1,8 @@
 """MosRep pre-training, one code path from a laptop CPU to many GPUs (`python train.py --demo`; `torchrun
 --nproc_per_node=8 train.py --framework byol --data imagenet/train`). Each step: the loader brings two global
-views and M small crops per image; the mosaic is built on the device; the learner (models.MoCo or models.BYOL)
-returns its losses; one optimizer step, one EMA step of the target. Rank 0 writes checkpoint.pth, backbone.pth
+views and M small crops per image, cropped and flipped, as uint8; on the device they are colour-augmented
+(augment.py) and the crops tiled into mosaics; the learner (models.MoCo or models.BYOL, with an optional image
+mixture) returns its losses; one optimizer step, one EMA step of the target. Rank 0 writes checkpoint.pth, backbone.pth
 and log.jsonl to --out. The defaults are the paper's ImageNet recipe of the chosen framework.
 """
 import argparse, contextlib, json, math, os, shutil, signal, sys, time
