@@ -1,5 +1,5 @@
-"""Datasets, the loader's half of the views (crop, flip, uint8) and loaders shared by train.py, eval_knn.py, eval_linear.py and
-bench.py."""
+"""Datasets, the loader's half of the views (crop, flip, uint8) and the loaders, shared by train.py, eval_knn.py,
+eval_linear.py and bench.py."""
 import contextlib, functools, multiprocessing, os, signal, warnings
 
 import torch
