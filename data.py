@@ -1,6 +1,11 @@
 """Datasets, the loader's half of the views (crop, flip, uint8) and the loaders, shared by train.py, eval_knn.py,
 eval_linear.py and bench.py."""
-import contextlib, functools, multiprocessing, os, signal, warnings
+import contextlib
+import functools
+import multiprocessing
+import os
+import signal
+import warnings
 
 import torch
 import torchvision
@@ -14,6 +19,7 @@ DATASETS = ("imagefolder", "imagenet100", "cifar10", "cifar100", "stl10", "fake"
 DEMO_FOLDER = os.path.join("data", "cifar10-jpg")          # the demo's CIFAR-10 as an ImageFolder tree
 IMAGENET100 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet100.txt")   # CMC's 100 classes
 
+
 def add_data_args(parser):
     """The data and loader flags that train.py and both evaluation scripts share."""
     parser.add_argument("--dataset", choices=DATASETS, default="imagefolder")
@@ -22,6 +28,7 @@ def add_data_args(parser):
     parser.add_argument("--image-size", type=int, default=224, help="global views and evaluation (px)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes per process")
     parser.add_argument("--fake-size", type=int, default=512, help="images in --dataset fake")
+
 
 def view_transform(size: int, scale) -> v2.Compose:
     """The loader's half of a view: PIL image -> RandomResizedCrop(size, scale) + flip -> uint8 [3, size, size].
@@ -53,6 +60,7 @@ def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
              else [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
     return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
+
 class SafeImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder that skips an unreadable image with a warning naming the file, instead of killing a
     multi-day run at hour 30 because of one corrupt JPEG."""
@@ -64,6 +72,7 @@ class SafeImageFolder(torchvision.datasets.ImageFolder):
             except (OSError, ValueError, SyntaxError) as error:   # what PIL raises on broken files
                 warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {error}")
         raise RuntimeError(f"no readable image among the {len(self.samples)} files")
+
 
 class ImageNet100(SafeImageFolder):
     """ImageNet's train or val folder restricted to the 100 classes of imagenet100.txt, indexed in sorted synset
@@ -78,6 +87,7 @@ class ImageNet100(SafeImageFolder):
                              f"e.g. {missing[0]}; point --data (or --val-data) at ImageNet's train (or val) folder, "
                              f"one folder per synset")
         return classes, {name: index for index, name in enumerate(classes)}
+
 
 def build_dataset(name: str, root: str, train: bool, transform, image_size: int = 224, fake_size: int = 512,
                   unlabeled: bool = False):
@@ -111,6 +121,7 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
                          f"there by hand, or use an ImageFolder copy with --dataset imagefolder (--demo takes "
                          f"{DEMO_FOLDER}/{{train,test}}/<class>/*.jpg by itself)") from None
 
+
 def build_splits(dataset: str, data: str, val_data, train_transform, val_transform, image_size: int, fake_size: int):
     """(train split, val split, num_classes); an ImageFolder's val split is val_data, else val/ or test/ beside data.
     One-line SystemExit when a split is missing or the splits' classes differ."""
@@ -129,6 +140,7 @@ def build_splits(dataset: str, data: str, val_data, train_transform, val_transfo
         raise SystemExit(f"error: the val split has {len(val_set.classes)} classes, the train split {len(classes)} "
                          f"(or other names): both need the same class folders")
     return train_set, val_set, len(classes)
+
 
 class EpochSampler(DistributedSampler):
     """torch's DistributedSampler (shuffled by seed + epoch, sharded over processes, drop_last) in whole batches,
@@ -150,6 +162,7 @@ class EpochSampler(DistributedSampler):
     def __len__(self):
         return (self.batches_per_epoch - self.skip_batches) * self.batch_size
 
+
 class SeededViews(Dataset):
     """Wraps a dataset for keys from EpochSampler: seeds torch's RNG from (seed, epoch, index) before the
     transform runs, so that each sample's augmentations are reproducible."""
@@ -161,12 +174,14 @@ class SeededViews(Dataset):
         torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index)
         return self.dataset[index]
 
+
 def _worker_init(exiting, worker_id: int):
     # While the trainer runs, workers ignore SIGINT and SIGTERM: torchrun and schedulers signal the whole
     # process group, and a worker that died mid-step would crash the trainer before it saved. Once the
     # trainer exits, SIGTERM (what Python sends its workers at exit) ends them: no exit waits on a worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0) if exiting.is_set() else None)
+
 
 @contextlib.contextmanager
 def train_loader(dataset, batch_size: int, workers: int, seed: int, world: int = 1, rank: int = 0):

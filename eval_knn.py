@@ -3,7 +3,9 @@ imagenet/train`), and the pieces that eval_linear.py and train.py share. A test 
 sum of exp(cos / T) over its k nearest training images of class c (cosine similarity of pooled fp32 features;
 Wu et al. 2018, as in DINO). One feature extraction, each process a shard, serves every k.
 """
-import argparse, json, time
+import argparse
+import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from data import add_data_args, build_splits, eval_transform
 from models import ARCHS, STEMS, distributed, gather_all, load_trunk, rank, world_size
 
 KNN_TEMPERATURE = 0.07
+
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the flags both evaluation scripts share (weights, network, data, loader, output); returns parser."""
@@ -25,6 +28,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", help="also write the results as JSON to this file")
     return parser
 
+
 def build_trunk(args, device) -> torch.nn.Module:
     """models.load_trunk in eval mode on device ('random' seeded from args.seed); a bad --weights exits in one line."""
     torch.manual_seed(getattr(args, "seed", 0))
@@ -35,10 +39,12 @@ def build_trunk(args, device) -> torch.nn.Module:
     return trunk.to(device, memory_format=torch.channels_last if torch.device(device).type == "cuda"
                     else torch.contiguous_format).eval()
 
+
 def shard_loader(dataset, batch_size: int, workers: int) -> DataLoader:
     """An unshuffled loader over this process's shard of dataset: images r, r + W, r + 2W... of rank r of W."""
     sampler = DistributedSampler(dataset, world_size(), rank(), shuffle=False) if world_size() > 1 else None
     return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available())
+
 
 @torch.no_grad()
 def extract_features(trunk, loader, device, name: str = "features"):
@@ -59,6 +65,7 @@ def extract_features(trunk, loader, device, name: str = "features"):
     gather = lambda x: gather_all(torch.cat(x)).unflatten(0, (world_size(), -1)).transpose(0, 1).flatten(0, 1)
     return gather(features)[:len(loader.dataset)], gather(labels)[:len(loader.dataset)]
 
+
 def knn_scores(train_features, train_labels, test_features, ks, temperature: float, num_classes: int,
                chunk_size: int = 256) -> list:
     """train_features [N, C], train_labels [N], test_features [M, C] -> per k, scores [M, classes]: sum of exp(cos / T)
@@ -72,11 +79,13 @@ def knn_scores(train_features, train_labels, test_features, ks, temperature: flo
             per_k.append(chunk.new_zeros(len(chunk), num_classes).scatter_add_(1, votes[:, :k], weights[:, :k]))
     return [torch.cat(per_k) for per_k in scores]
 
+
 def accuracy(scores: torch.Tensor, labels: torch.Tensor):
     """scores [N, K], labels [N] -> (top-1 %, top-5 %). Top-5 is top-K when K < 5; of tied scores the lower class
     ranks first; an empty set gives (0, 0)."""
     hits = scores.sort(dim=1, descending=True, stable=True).indices[:, :5] == labels[:, None].to(scores.device)
     return 100.0 * int(hits[:, 0].sum()) / max(len(labels), 1), 100.0 * int(hits.any(dim=1).sum()) / max(len(labels), 1)
+
 
 def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, temperature: float,
                  num_classes: int, chunk_size: int = 256) -> dict:
@@ -85,12 +94,14 @@ def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, t
     scores = knn_scores(train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size)
     return {k: dict(zip(("top1", "top5"), accuracy(per_k, test_labels))) for k, per_k in zip(ks, scores)}
 
+
 def knn_eval(trunk, train_set, val_set, ks, temperature: float, num_classes: int, batch_size: int, workers: int,
              device, name: str = "k-NN") -> dict:
     """Extract both splits' features (each process a shard) and return evaluate_knn's results."""
     train_x, train_y = extract_features(trunk, shard_loader(train_set, batch_size, workers), device, f"{name} train")
     test_x, test_y = extract_features(trunk, shard_loader(val_set, batch_size, workers), device, f"{name} val")
     return evaluate_knn(train_x, train_y, test_x, test_y, ks, temperature, num_classes)
+
 
 def main():
     parser = add_common_args(argparse.ArgumentParser(description="k-NN evaluation of a frozen trunk"))
@@ -115,6 +126,7 @@ def main():
                 with open(args.out, "w") as file:
                     json.dump({"args": vars(args), "num_train": len(train_set), "num_test": len(val_set),
                                "num_classes": classes, "knn": {str(k): r for k, r in results.items()}}, file, indent=2)
+
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,10 @@ AMP; one head per --lr, trained at once, the best picked on the val split it is 
 Cached centre-crop features by default; --augment is the paper's protocol (RandomResizedCrop + flip through the
 trunk every epoch); --label-fraction 0.01 / 0.1 keeps a class-balanced share of the labels (the 1 % / 10 % rows).
 """
-import argparse, json, math, time
+import argparse
+import json
+import math
+import time
 
 import torch
 import torch.nn as nn
@@ -14,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from data import build_splits, eval_transform
 from eval_knn import accuracy, add_common_args, build_trunk, extract_features, shard_loader
 from models import distributed, rank, world_size
+
 
 def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
     """labels [N] -> sorted LongTensor of kept indices: round(fraction * n_c) (half up) random images of
@@ -32,6 +36,7 @@ def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
         kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
     return torch.cat(kept).sort().values
 
+
 class ProbeHeads(nn.Module):
     """One non-affine BatchNorm1d shared by num_heads linear layers: features [B, C] -> logits [H, B, K].
     The BN has no parameters, so sharing it leaves the heads independent."""
@@ -47,6 +52,7 @@ class ProbeHeads(nn.Module):
         normalised = self.norm(features)   # once: BN statistics are updated once per batch
         return torch.stack([linear(normalised) for linear in self.linears])
 
+
 def frozen_features(trunk, loader, device):
     """Yield (pooled features [B, C] fp32, labels [B]) on device per loader batch, through the frozen trunk."""
     trunk.eval()
@@ -55,10 +61,12 @@ def frozen_features(trunk, loader, device):
             features = trunk.pooled(images.to(device, non_blocking=True)).float()
         yield features, labels.to(device)
 
+
 def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator):
     """Yield shuffled minibatches (features [b, C], labels [b]) of cached features [N, C], labels [N]."""
     for index in torch.randperm(len(labels), generator=generator).to(features.device).split(batch_size):
         yield features[index], labels[index]
+
 
 def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, num_features: int, num_classes: int,
                 lrs, epochs: int, wd: float = 0.0, ddp: bool = False) -> list:
@@ -98,6 +106,7 @@ def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, nu
                 + " ".join(f"{r['lr']:g}:{r['last_top1']:.1f}" for r in results))
     return results
 
+
 def probe_batches(args, trunk, train_set, device):
     """(make_batches(epoch), steps per epoch): features extracted once and shuffled each epoch (every process
     holds them all), or with --augment fresh views through the frozen trunk, each process its own shard."""
@@ -111,6 +120,7 @@ def probe_batches(args, trunk, train_set, device):
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     set_epoch = getattr(sampler, "set_epoch", lambda epoch: None)
     return (lambda epoch: set_epoch(epoch) or frozen_features(trunk, loader, device)), len(loader)
+
 
 def main():
     parser = add_common_args(argparse.ArgumentParser(description="linear probe of a frozen trunk"))
@@ -153,6 +163,7 @@ def main():
                 with open(args.out, "w") as file:
                     json.dump({"args": vars(args), "epochs": args.epochs, "num_train": len(train_set), "num_val":
                                len(val_y), "num_classes": num_classes, "heads": results, "best": best}, file, indent=2)
+
 
 if __name__ == "__main__":
     main()

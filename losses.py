@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
              weights: Optional[torch.Tensor] = None, queue: Optional[torch.Tensor] = None,
              temperature: float = 0.2) -> torch.Tensor:
@@ -29,6 +30,7 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
             logits = torch.cat([logits, q @ F.normalize(queue.detach().float(), dim=1).T], dim=1)  # [N, K+Q]
         per_query = F.cross_entropy(logits / temperature, positives, reduction="none")           # [N]
         return (per_query if weights is None else weights.float() * per_query).mean()
+
 
 def byol_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
               weights: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -6,7 +6,10 @@ image mixtures of mixture.py inside the forward: "flatten" (Un-Mix) mixes the on
 (mix-ssl, MoCo only) adds loss_mix. The same code runs in one process and under DDP: the cross-process steps
 (gathering keys, shuffle-BN) do nothing without a process group.
 """
-import contextlib, copy, math, os
+import contextlib
+import copy
+import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,7 @@ from mosaic import Mosaic
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "cifar")
+
 
 class Trunk(nn.Module):
     """A torchvision ResNet without pooling and fc: images [N, 3, H, W] -> C5 map [N, C, H/stride, W/stride]. Its
@@ -53,6 +57,7 @@ class Trunk(nn.Module):
     def pooled(self, images: torch.Tensor) -> torch.Tensor:   # [N, 3, H, W] -> [N, C]: what evaluation uses
         return self(images).mean(dim=(2, 3))
 
+
 def save_checkpoint(folder: str, learner: "_Learner", args: dict, **training_state):
     """Write folder/checkpoint.pth ({learner, backbone, args} and training_state) and folder/backbone.pth
     (the backbone's torchvision-keyed state_dict), each atomically (temp file, then rename): a crash or a
@@ -68,6 +73,7 @@ def save_checkpoint(folder: str, learner: "_Learner", args: dict, **training_sta
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
 
+
 def read_checkpoint(path: str):
     """torch.load(path) onto the CPU, tensors only; ValueError with a one-line reason when it can't."""
     try:
@@ -76,6 +82,7 @@ def read_checkpoint(path: str):
         raise ValueError(f"{path} does not exist") from None
     except Exception as error:
         raise ValueError(f"{path} is not a readable torch file ({type(error).__name__})") from None
+
 
 def load_trunk(weights: str, arch: str, stem: str) -> Trunk:
     """A Trunk with weights from a backbone.pth (torchvision keys), a train.py checkpoint.pth, or
@@ -102,11 +109,13 @@ def load_trunk(weights: str, arch: str, stem: str) -> Trunk:
     trunk.load_state_dict(state, strict=False)
     return trunk
 
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn.Sequential:
     """Linear -> [BN] -> ReLU -> Linear: [N, in_dim] -> [N, out_dim]."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=not batch_norm),
                          nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity(),
                          nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
 
 def head(channels: int, hidden_dim: int, out_dim: int, mlp_batch_norm: bool) -> nn.Sequential:
     """conv1x1 + BN + ReLU -> global average pool -> MLP: feature map [N, C, h, w] -> [N, out_dim]. The same head
@@ -114,6 +123,7 @@ def head(channels: int, hidden_dim: int, out_dim: int, mlp_batch_norm: bool) -> 
     embedding space; the conv gives the RoI features a learned spatial transform (the released code's design)."""
     return nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), mlp(channels, hidden_dim, out_dim, mlp_batch_norm))
+
 
 class Encoder(nn.Module):
     """Trunk + Head. Calling it embeds whole images; embed_local embeds the local views."""
@@ -147,6 +157,7 @@ class Encoder(nn.Module):
         inside, outside = mixture.box_means(feature_map, boxes, self.trunk.stride)    # [N, C] each
         return self.head[-1](torch.cat([feature_map.mean(dim=(2, 3)), inside, outside])).chunk(3)
 
+
 @contextlib.contextmanager
 def distributed():
     """Yields this process's device, having joined torchrun's process group when it set RANK (nccl on CUDA, gloo
@@ -163,11 +174,14 @@ def distributed():
         if dist.is_initialized():
             dist.destroy_process_group()
 
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
 
 @torch.no_grad()
 def gather_all(tensor: torch.Tensor) -> torch.Tensor:
@@ -178,6 +192,7 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor)
     return torch.cat(parts)
+
 
 class _Learner(nn.Module):
     """What both learners share: an online encoder, its EMA copy (the target), the exported backbone."""
@@ -214,6 +229,7 @@ class _Learner(nn.Module):
         return {"loss": loss_global + loss_local + loss_mix, "loss_global": loss_global.detach(),
                 "loss_local": loss_local.detach(), "loss_mix": loss_mix.detach(),
                 "target_std": keys.std(dim=0).mean() * keys.shape[1] ** 0.5}
+
 
 class MoCo(_Learner):
     """MoCo-v2 with MosRep's local views (the released code's framework). The query encoder embeds x1 and the
@@ -304,6 +320,7 @@ class MoCo(_Learner):
         return (self.mix_weight * nce(q_mixed, keys, queue) + (1 - self.mix_weight) * (
             nce(q_local, k_global, global_queue) + nce(q_local, k_local, local_queue)
             + nce(q_global, k_global, global_queue)), (k_local, k_global))
+
 
 class BYOL(_Learner):
     """BYOL with MosRep's local views. Online = trunk -> projector head -> predictor; target = EMA of trunk +

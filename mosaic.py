@@ -19,9 +19,11 @@ from typing import NamedTuple
 
 import torch
 
+
 def default_jitter(mosaic_size: int) -> int:
     """The paper's max shift, 48 px for a 224 px mosaic, scaled to mosaic_size px (any M)."""
     return round(48 * mosaic_size / 224)
+
 
 class Mosaic(NamedTuple):
     """A batch of mosaic views and where each crop sits in them.
@@ -35,6 +37,7 @@ class Mosaic(NamedTuple):
     rois: torch.Tensor
     sources: torch.Tensor
     weights: torch.Tensor
+
 
 def group_crops(batch_size: int, num_crops: int, device=None) -> torch.Tensor:
     """Decide which image's crop fills each slot of each mosaic: sources [B, M] (long), sources[b, j] being the
@@ -53,6 +56,7 @@ def group_crops(batch_size: int, num_crops: int, device=None) -> torch.Tensor:
     rows = torch.randperm(batch_size, device=device)                                   # [B]
     return perm[(rows[:, None] + offsets[None, :]) % batch_size]                       # [B, M]
 
+
 def compose(crops: torch.Tensor, sources: torch.Tensor):
     """Tile crops [B, M, C, s, s] (M = g*g) into mosaics [B, C, g*s, g*s] as sources [B, M] says: slot j (grid row
     j // g, column j % g) of mosaic b holds crops[sources[b, j], j]. Also returns boxes [B, M, 4], float (x1, y1,
@@ -70,6 +74,7 @@ def compose(crops: torch.Tensor, sources: torch.Tensor):
     y1 = torch.div(slot, g, rounding_mode="floor").float() * s
     boxes = torch.stack([x1, y1, x1 + s, y1 + s], dim=1)                    # [M, 4]
     return mosaics, boxes.unsqueeze(0).expand(B, M, 4).contiguous()
+
 
 def jitter(mosaics: torch.Tensor, boxes: torch.Tensor, max_shift: float, alpha: float = 0.5):
     """Translate every mosaic by its own random integer offset; uncovered pixels become 0.
@@ -103,6 +108,7 @@ def jitter(mosaics: torch.Tensor, boxes: torch.Tensor, max_shift: float, alpha: 
     clipped = torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)     # [B, M, 4]
     area = lambda b: (b[..., 2] - b[..., 0]).clamp_min(0) * (b[..., 3] - b[..., 1]).clamp_min(0)   # [B, M]
     return moved, clipped, area(clipped) / area(boxes)
+
 
 def make_mosaic(crops: torch.Tensor, max_shift: float, alpha: float = 0.5) -> Mosaic:
     """Small crops [B, M, C, s, s] -> Mosaic: group, compose, jitter, weight (see the module docstring)."""

@@ -54,6 +54,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def knn_predict(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size=256):
     """knn_scores for one k: scores [M, classes]."""
     return knn_scores(train_features, train_labels, test_features, [k], temperature, num_classes, chunk_size)[0]
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # subprocesses: tiny batches, threads only add overhead
 # The device-independent tests take the `device` fixture, set by MOSREP_TEST_DEVICE (default cpu, what CI runs); their
 # ids end in [on_<device type>], so `MOSREP_TEST_DEVICE=cuda python -m pytest test_mosrep.py -k on_cuda` runs just
@@ -2462,6 +2464,7 @@ def test_resume_with_a_mixture_repeats_the_uninterrupted_run(tmp_path, framework
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["loss_mix"] == pytest.approx(b["loss_mix"], rel=1e-4, abs=1e-5)
 
+
 def test_exported_backbone_loads_into_torchvision(tmp_path):
     """backbone.pth is a torchvision resnet18 state_dict (only fc.* missing), equal to the online trunk."""
     out = str(tmp_path)
@@ -2566,9 +2569,11 @@ def test_bad_mixture_flags_are_one_line_errors_before_any_step(tmp_path, monkeyp
     message = str(error.value.code)
     assert message.startswith("error:") and "\n" not in message and fragment in message, message
 
+
 def test_demo_without_its_data_and_offline_says_how_to_provide_it(tmp_path, monkeypatch):
     """python train.py --demo with no data/cifar10-jpg and no internet ends in one line naming data/cifar10-jpg."""
     monkeypatch.chdir(tmp_path)
+
     def offline(*args, **kwargs):
         raise OSError("no network")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)

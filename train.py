@@ -5,7 +5,15 @@ views and M small crops per image, cropped and flipped, as uint8; on the device 
 mixture) returns its losses; one optimizer step, one EMA step of the target. Rank 0 writes checkpoint.pth, backbone.pth
 and log.jsonl to --out. The defaults are the paper's ImageNet recipe of the chosen framework.
 """
-import argparse, contextlib, json, math, os, shutil, signal, sys, time
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,6 +41,7 @@ RULES = [("lr temperature jitter_alpha image_size crop_size crops batch_size epo
           "fake_size", lambda v: v > 0, "positive"),
          ("wd jitter warmup_epochs queue_size workers max_steps knn_every", lambda v: v >= 0, "at least 0"),
          ("ema mix_global_p mix_region_p mix_weight", lambda v: 0 <= v <= 1, "within [0, 1]")]
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,9 +92,11 @@ def parse_args(argv=None):
         args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     return args
 
+
 def fail(message: str):
     """Stop with a one-line error (exit code 1): bad input is the user's to fix, not a traceback."""
     raise SystemExit(f"error: {message}")
+
 
 def check_args(args, world: int):
     """Fail with a one-line fix on any flag, or combination of flags, that cannot train."""
@@ -121,6 +132,7 @@ def check_args(args, world: int):
     if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pth")):
         fail(f"{args.out}/checkpoint.pth exists; pass --resume to continue it, or choose another --out")
 
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step is rescaled per tensor by trust * |w| / |g + wd * w| (You et al., 2017; BYOL's
     optimizer). Groups with lars=False (BN parameters, biases) get plain SGD without weight decay."""
@@ -140,6 +152,7 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["momentum"] = torch.zeros_like(p)
                 p.add_(self.state[p]["momentum"].mul_(group["momentum"]).add_(update), alpha=-group["lr"])
 
+
 def build_optimizer(learner, args, lr: float):
     """SGD (momentum 0.9, wd on every parameter) or LARS (BN weights and biases excluded) over the online side."""
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -147,6 +160,7 @@ def build_optimizer(learner, args, lr: float):
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
     return LARS([{"params": [p for p in params if p.ndim > 1]},
                  {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}], lr, args.wd)
+
 
 def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
     """(lr, ema) at a step: lr warms up linearly, then follows a cosine to 0; ema is constant (MoCo) or follows a
@@ -158,6 +172,7 @@ def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
     if args.framework == "moco":
         return lr, args.ema
     return lr, 1 - (1 - args.ema) * 0.5 * (1 + math.cos(math.pi * step / total))
+
 
 def resume(args, learner, optimizer, scaler, steps_per_epoch: int) -> int:
     """Load --out's checkpoint and return its step. Refused, naming the flags, when this command would not repeat
@@ -194,6 +209,7 @@ def resume(args, learner, optimizer, scaler, steps_per_epoch: int) -> int:
             file.writelines(json.dumps(r) + "\n" for r in kept)
     return checkpoint["step"]
 
+
 def knn_report(trunk, args, device, baseline: bool) -> dict:
     """k-NN top-1 % (k = 20) on the val split of the trunk, and of a random-init trunk when baseline. At most
     --knn-samples images per split (a fixed random subset) keep it to minutes."""
@@ -219,6 +235,7 @@ def knn_report(trunk, args, device, baseline: bool) -> dict:
     trunk.train()
     return results
 
+
 def build_learner(args, device, world: int):
     """(learner, model): the learner on device, and what the step calls (its DDP wrapper when world > 1)."""
     mixing = {key: getattr(args, key) for key in ("mix", "mix_global_p", "mix_region_p", "mix_weight")}
@@ -234,6 +251,7 @@ def build_learner(args, device, world: int):
     # affect training (rank 0's are exported; knn_report broadcasts them first).
     return learner, DistributedDataParallel(learner, device_ids=[device.index] if cuda else None,
                                             broadcast_buffers=False) if world > 1 else learner
+
 
 def train_step(batch, model, optimizer, scaler, autocast, args, device, step: int, stop_signal: list):
     """One optimisation step on a loader batch; returns (losses, stop). Its one host sync is a small all-reduce:
@@ -264,6 +282,7 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
         fail(f"non-finite loss {loss_value} at step {step + 1}; {kept(args)}. Lower --lr, or use --amp bf16/off")
     return losses, bool(stop)
 
+
 def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_step: int, lr: float, ema: float, args):
     """Append one record to log.jsonl and print it, with throughput, data wait and ETA since the last one."""
     elapsed = time.time() - meter["since"]
@@ -279,6 +298,7 @@ def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_st
           f"eta {(last_step - step) * elapsed / meter['steps'] / 60:.1f} min", flush=True)
     meter.update(since=time.time(), waited=0.0, steps=0)
 
+
 def finish(learner, args, device, step: int, log_file):
     """Check that every rank holds the same weights, run the final k-NN, write the final record."""
     checksum = torch.stack([p.detach().double().sum() for p in learner.parameters()]).sum().reshape(1)
@@ -291,14 +311,17 @@ def finish(learner, args, device, step: int, log_file):
         log_file.write(json.dumps(final) + "\n")
     log(f"done: {step} steps; weights identical on all {len(sums)} ranks: {final['ranks_identical']}; in {args.out}")
 
+
 def kept(args) -> str:
     """What a failed run leaves behind, for its error message."""
     path = os.path.join(args.out, "checkpoint.pth")
     return f"the last checkpoint ({path}) is intact" if os.path.exists(path) else "no checkpoint was written yet"
 
+
 def log(message: str):
     if models.rank() == 0:
         print(message, flush=True)
+
 
 def main(argv=None) -> int:
     """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an error
@@ -315,6 +338,7 @@ def main(argv=None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
 
 def train(args, device, stop_signal: list) -> int:
     """Build, then loop (step, log, epoch end), then finish. Returns 0 when done, 1 when stopped by a signal."""
@@ -372,6 +396,7 @@ def train(args, device, stop_signal: list) -> int:
             return 1
         finish(learner, args, device, step, log_file)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

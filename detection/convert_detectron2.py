@@ -8,7 +8,11 @@ detectron2's checkpointer reads for MODEL.WEIGHTS. The configuration the weights
 (*Detection and segmentation transfer*). Weights trained with --stem cifar are refused: detectron2's stem is
 the 7x7 stride-2 conv and max-pool.
 """
-import argparse, os, pickle, re, sys
+import argparse
+import os
+import pickle
+import re
+import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 from models import read_checkpoint  # noqa: E402
