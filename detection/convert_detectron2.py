@@ -4,9 +4,8 @@
 
 The input is a backbone.pth (torchvision ResNet keys) or a train.py checkpoint.pth. The output is a pickle of
 {"model": {detectron2 key: numpy array}, "__author__": "MosRep", "matching_heuristics": True}, the layout
-detectron2's checkpointer reads for MODEL.WEIGHTS. The configuration the weights need is in the README
-(*Detection and segmentation transfer*). Weights trained with --stem cifar are refused: detectron2's stem is
-the 7x7 stride-2 conv and max-pool.
+detectron2's checkpointer reads for MODEL.WEIGHTS. The configuration the weights need is in docs/detection.md.
+Weights trained with --stem cifar are refused: detectron2's stem is the 7x7 stride-2 conv and max-pool.
 """
 import argparse
 import os
