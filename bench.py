@@ -256,9 +256,10 @@ def pil_loader_views(framework, size, crop_size, num_crops):
     """The PIL loader that data.load_image and the tensor crops replaced: PIL image -> RandomResizedCrop + flip on
     PIL -> PILToTensor, for x1, x2 and the crops: the reference for the LOADER line's over_pil."""
     recipe = augment.RECIPES[framework]
-    view = lambda side, name: v2.Compose([v2.RandomResizedCrop(side, scale=recipe[name].scale, antialias=True),
-                                          v2.RandomHorizontalFlip(), v2.PILToTensor()])
-    x1, x2, crop = view(size, "x1"), view(size, "x2"), view(crop_size, "crops")
+    x1, x2, crop = (v2.Compose([v2.RandomResizedCrop(side, scale=recipe[name].scale, antialias=True),
+                                v2.RandomHorizontalFlip(), v2.PILToTensor()])
+                    for side, name in ((size, "x1"), (size, "x2"), (crop_size, "crops")))
+
     def views(image):
         crops = torch.stack([crop(image) for _ in range(num_crops)])   # first, as MultiViewTransform draws them
         return x1(image), x2(image), crops

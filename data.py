@@ -78,8 +78,8 @@ class MultiViewTransform:
 
 def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
     """Evaluation view: resize (to 8/7 of the size above 64 px) + centre crop; with augment RandomResizedCrop + flip.
-    Takes load_image's tensors or PIL images; the resizing runs on PIL, whose downscaling torchvision's tensor resize
-    matches only to +-1 grey level, so that evaluation figures stay comparable across versions of this loader."""
+    Takes load_image's tensors or PIL images and resizes on PIL: torchvision's tensor resize downscales to within
+    1 grey level of PIL's only, and evaluation figures stay those of the PIL loader (docs/loader.md)."""
     resize = image_size if image_size <= 64 else round(image_size * 8 / 7)
     steps = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()] if augment
              else [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
