@@ -8,8 +8,9 @@ forwards): BYOL two views 8, multi-crop / mosaic 11; MoCo 4 and 7. efficiency = 
 by what U predicts from the supervised step (U = 3, timed in the same rounds): sup. img/s x 3 / U.
 The image mixtures of train.py --mix run beside them as two+flatten, mosaic+cutmix...: flatten adds no pass,
 cutmix (MoCo) adds an online pass over x1m and a target pass over x2m (U + 4). After the table: the device
-augmentation's time per batch, and the loader's JPEGs per worker-second at the paper's geometry for the full
-CPU recipe (the loader before augment.py) and for the crop-and-flip loader: the LOADER line.
+augmentation's time per batch, and the loader's JPEGs per worker-second at the paper's geometry: the LOADER line,
+for train.py's loader (torchvision.io decode, crop and flip on the uint8 tensor) beside the PIL loader it replaced
+(PIL decode, crop and flip) and the full CPU recipe (the loader before augment.py).
 On a CPU shared with other jobs, OMP_NUM_THREADS=1 gives steadier, often faster, timings.
 """
 import argparse
@@ -179,10 +180,13 @@ def bench_framework(framework, args, device, x1, x2, crops, sup_step=None):
 
 
 def loader_line(args):
-    """Run bench_loader, print where its JPEGs came from, return the LOADER line."""
-    full, loader, source = bench_loader(args)
+    """Run bench_loader, print where its JPEGs came from, return the LOADER line: JPEGs per worker-second of the full
+    CPU recipe, of train.py's loader and of the PIL loader, and train.py's loader's speedup over each."""
+    rates, source = bench_loader(args)
     print(f"# loader at the paper's geometry: 2 views of 224 px + 4 crops of 112 px, BYOL recipe, one thread; {source}")
-    return f"LOADER full_recipe={full:.1f} loader={loader:.1f} speedup={loader / full:.2f}"
+    full, loader, pil = rates["full"], rates["loader"], rates["pil"]
+    return (f"LOADER full_recipe={full:.1f} loader={loader:.1f} speedup={loader / full:.2f} pil_loader={pil:.1f} "
+            f"over_pil={loader / pil:.2f}")
 
 
 def time_augment(framework, args, device):
@@ -210,19 +214,17 @@ def bench_data(framework, args, num_crops, images):
     return loader_rate(data.MultiViewTransform(framework, args.image_size, args.crop_size, num_crops), images)
 
 
-def loader_rate(transform, images, rounds=1):
+def loader_rate(transform, images):
     """Images per second of one thread applying transform to each image (a PIL image, or a callable that
-    decodes one), best of `rounds` passes: what one DataLoader worker sustains."""
+    decodes one), in one pass: what one DataLoader worker sustains."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as in a DataLoader worker
-    best = math.inf
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for image in images:
-            transform(image() if callable(image) else image)
-        best = min(best, time.perf_counter() - start)
+    start = time.perf_counter()
+    for image in images:
+        transform(image() if callable(image) else image)
+    seconds = time.perf_counter() - start
     torch.set_num_threads(threads)
-    return len(images) / best
+    return len(images) / seconds
 
 
 def full_recipe_view(framework, size, recipe):
@@ -250,25 +252,46 @@ def photo_like_jpegs(folder, count=48, size=(500, 375)):
     return paths
 
 
-def bench_loader(args, framework="byol"):
-    """JPEGs per worker-second at the paper's geometry (2 views of 224 px + 4 crops of 112 px) for the full CPU
-    recipe and for the loader that leaves the photometric half to the device, on --data's JPEGs or on
-    ImageNet-sized ones made in a temporary folder. Returns (full recipe img/s, loader img/s, source)."""
+def pil_loader_views(framework, size, crop_size, num_crops):
+    """The PIL loader that data.load_image and the tensor crops replaced: PIL image -> RandomResizedCrop + flip on
+    PIL -> PILToTensor, for x1, x2 and the crops: the reference for the LOADER line's over_pil."""
+    recipe = augment.RECIPES[framework]
+    x1, x2, crop = (v2.Compose([v2.RandomResizedCrop(side, scale=recipe[name].scale, antialias=True),
+                                v2.RandomHorizontalFlip(), v2.PILToTensor()])
+                    for side, name in ((size, "x1"), (size, "x2"), (crop_size, "crops")))
+
+    def views(image):
+        crops = torch.stack([crop(image) for _ in range(num_crops)])   # first, as MultiViewTransform draws them
+        return x1(image), x2(image), crops
+    return views
+
+
+def bench_loader(args, framework="byol", rounds=3):
+    """JPEGs per worker-second at the paper's geometry (2 views of 224 px + 4 crops of 112 px), decode included,
+    for the full CPU recipe, train.py's loader (data.load_image + data.MultiViewTransform) and the PIL loader it
+    replaced, on --data's JPEGs or on ImageNet-sized ones made in a temporary folder. The three take turns, `rounds`
+    passes each, the best pass kept, so that a busy machine slows them alike.
+    Returns ({"full": img/s, "loader": img/s, "pil": img/s}, source)."""
     recipe = augment.RECIPES[framework]
     full_views = [full_recipe_view(framework, 224, recipe[v]) for v in ("x1", "x2")]
     full_crop = full_recipe_view(framework, 112, recipe["crops"])
     full = lambda image: [view(image) for view in full_views] + [full_crop(image) for _ in range(4)]
-    loader = data.MultiViewTransform(framework, 224, 112, 4)
     with tempfile.TemporaryDirectory() as folder:
         if args.data:
             paths = [path for path, _ in data.build_dataset("imagefolder", args.data, True, None).samples[:48]]
         else:
             paths = photo_like_jpegs(folder)
         kilobytes = statistics.mean(os.path.getsize(path) for path in paths) / 1024
-        images = [lambda path=path: Image.open(path).convert("RGB") for path in paths]
-        rates = loader_rate(full, images, rounds=2), loader_rate(loader, images, rounds=2)
+        pil_images = [lambda path=path: Image.open(path).convert("RGB") for path in paths]
+        tensor_images = [lambda path=path: data.load_image(path) for path in paths]
+        runs = {"full": (full, pil_images), "loader": (data.MultiViewTransform(framework, 224, 112, 4), tensor_images),
+                "pil": (pil_loader_views(framework, 224, 112, 4), pil_images)}
+        rates = {name: 0.0 for name in runs}
+        for _ in range(rounds):
+            for name, (transform, images) in runs.items():
+                rates[name] = max(rates[name], loader_rate(transform, images))
     source = f"{len(paths)} JPEGs of {kilobytes:.0f} kB from {args.data or 'photo_like_jpegs (500x375)'}"
-    return rates[0], rates[1], source
+    return rates, source
 
 
 def main():

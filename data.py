@@ -1,5 +1,5 @@
-"""Datasets, the loader's half of the views (crop, flip, uint8) and the loaders, shared by train.py, eval_knn.py,
-eval_linear.py and bench.py."""
+"""Datasets, the loader's half of the views (decode, crop, flip, uint8) and the loaders, shared by train.py,
+eval_knn.py, eval_linear.py and bench.py."""
 import contextlib
 import functools
 import multiprocessing
@@ -20,27 +20,49 @@ DEMO_FOLDER = os.path.join("data", "cifar10-jpg")          # the demo's CIFAR-10
 IMAGENET100 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet100.txt")   # CMC's 100 classes
 
 
+def default_workers() -> int:
+    """Loader processes per training process: the cores this process may run on (its CPU affinity) shared among
+    the LOCAL_WORLD_SIZE processes that torchrun starts on this machine; at least 1, at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 def add_data_args(parser):
     """The data and loader flags that train.py and both evaluation scripts share."""
     parser.add_argument("--dataset", choices=DATASETS, default="imagefolder")
     parser.add_argument("--data", help="training split: ImageFolder root, or torchvision's folder for the others")
     parser.add_argument("--val-data", help="the val split's ImageFolder (default: val/ or test/ beside --data)")
     parser.add_argument("--image-size", type=int, default=224, help="global views and evaluation (px)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes per process")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="loader processes per process (default: its cores, at most 16)")
     parser.add_argument("--fake-size", type=int, default=512, help="images in --dataset fake")
 
 
+def load_image(path: str) -> torch.Tensor:
+    """An image file -> uint8 [3, H, W], RGB. torchvision.io decodes JPEG (decode_jpeg, libjpeg-turbo), PNG and
+    the other formats it knows straight to a tensor, greyscale and CMYK as RGB; anything else (or a 16-bit PNG)
+    goes through PIL, whose OSError on an unreadable file SafeImageFolder turns into a warning."""
+    try:
+        image = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+        if image.dtype == torch.uint8:
+            return image
+    except RuntimeError:   # a format torchvision does not read, or a broken file: PIL has the last word
+        pass
+    return v2.functional.pil_to_tensor(torchvision.datasets.folder.pil_loader(path))
+
+
 def view_transform(size: int, scale) -> v2.Compose:
-    """The loader's half of a view: PIL image -> RandomResizedCrop(size, scale) + flip -> uint8 [3, size, size].
-    The photometric half (colour, blur, solarize, normalisation) runs batched on the device: augment.py."""
-    return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
-                       v2.PILToTensor()])
+    """The loader's half of a view, on the tensor: uint8 [3, H, W] -> RandomResizedCrop(size, scale) + flip ->
+    uint8 [3, size, size]. The photometric half (colour, blur, solarize, normalisation) runs batched on the device:
+    augment.py."""
+    return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()])
 
 
 class MultiViewTransform:
-    """PIL image -> uint8 (global view x1 [3, S, S], global view x2 [3, S, S], small crops [M, 3, s, s]), cropped
-    with the scale ranges of augment.RECIPES[framework]; train.py's step finishes them with augment.augment. With
-    num_crops = 0 the crops are an empty [0, 3, s, s]: the two-view baseline pays for none."""
+    """uint8 [3, H, W] (load_image's) or a PIL image (torchvision's CIFAR, STL-10, FakeData) -> uint8 (global view
+    x1 [3, S, S], global view x2 [3, S, S], small crops [M, 3, s, s]), cropped with the scale ranges of
+    augment.RECIPES[framework]; train.py's step finishes them with augment.augment. With num_crops = 0 the crops are
+    an empty [0, 3, s, s]: the two-view baseline pays for none."""
     def __init__(self, framework: str, image_size: int, crop_size: int, num_crops: int):
         recipe = augment.RECIPES[framework]
         self.view1, self.view2 = (view_transform(image_size, recipe[view].scale) for view in ("x1", "x2"))
@@ -48,22 +70,29 @@ class MultiViewTransform:
         self.num_crops, self.crop_size = num_crops, crop_size
 
     def __call__(self, image):
+        image = image if isinstance(image, torch.Tensor) else v2.functional.pil_to_tensor(image)
         crops = [self.small(image) for _ in range(self.num_crops)]
         crops = torch.stack(crops) if crops else torch.empty(0, 3, self.crop_size, self.crop_size, dtype=torch.uint8)
         return self.view1(image), self.view2(image), crops
 
 
 def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
-    """Evaluation view: resize (to 8/7 of the size above 64 px) + centre crop; with augment RandomResizedCrop + flip."""
+    """Evaluation view: resize (to 8/7 of the size above 64 px) + centre crop; with augment RandomResizedCrop + flip.
+    Takes load_image's tensors or PIL images and resizes on PIL: torchvision's tensor resize downscales to within
+    1 grey level of PIL's only, and evaluation figures stay those of the PIL loader (docs/loader.md)."""
     resize = image_size if image_size <= 64 else round(image_size * 8 / 7)
     steps = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()] if augment
              else [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
-    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return v2.Compose([v2.ToPILImage()] + steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                                                   v2.Normalize(MEAN, STD)])
 
 
 class SafeImageFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder that skips an unreadable image with a warning naming the file, instead of killing a
-    multi-day run at hour 30 because of one corrupt JPEG."""
+    """ImageFolder of load_image's uint8 [3, H, W] tensors that skips an unreadable image with a warning naming
+    the file, instead of killing a multi-day run at hour 30 because of one corrupt JPEG."""
+    def __init__(self, root: str, transform=None):
+        super().__init__(root, transform, loader=load_image)
+
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)

@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import augment
+import bench
 import check_gpu
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detection"))
 import convert_detectron2  # noqa: E402
@@ -1581,6 +1582,25 @@ def test_add_data_args_flags_and_defaults():
         "fake", "d", "v", 32, 0, 8)
 
 
+def test_default_workers_share_the_process_affinity_among_the_local_processes(monkeypatch):
+    """--workers defaults to the cores of this process's CPU affinity (else os.cpu_count) over LOCAL_WORLD_SIZE
+    (torchrun's; 1 without it), at least 1, at most 16."""
+    for cores, local, workers in ((32, "8", 4), (64, None, 16), (3, "8", 1), (12, "2", 6), (2, None, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)), raising=False)
+        if local is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert data.default_workers() == workers
+        parser = argparse.ArgumentParser()
+        data.add_data_args(parser)
+        assert parser.parse_args([]).workers == workers
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)   # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 10)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert data.default_workers() == 2
+
+
 @pytest.mark.parametrize("framework", ["moco", "byol"])
 @pytest.mark.parametrize("num_crops", [0, 4])
 def test_multi_view_transform_output_shapes(framework, num_crops):
@@ -1592,17 +1612,73 @@ def test_multi_view_transform_output_shapes(framework, num_crops):
 
 
 def test_multi_view_transform_only_crops_and_flips_with_the_recipes_scales():
-    """The loader's views are RandomResizedCrop (each view's scale from augment.RECIPES) + flip + PILToTensor:
-    nothing photometric, no float conversion; a constant image stays exactly that colour."""
+    """The loader's views are RandomResizedCrop (each view's scale from augment.RECIPES) + flip on the uint8 tensor:
+    nothing photometric, no float conversion; a constant image (PIL or tensor) stays exactly that colour."""
     for framework in ("moco", "byol"):
         views = data.MultiViewTransform(framework, 64, 32, 4)
         for view, name in ((views.view1, "x1"), (views.view2, "x2"), (views.small, "crops")):
             kinds = [type(t) for t in view.transforms]
-            assert kinds == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.PILToTensor]
+            assert kinds == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
             assert view.transforms[0].scale == augment.RECIPES[framework][name].scale
-    x1, x2, crops = data.MultiViewTransform("byol", 64, 32, 4)(Image.new("RGB", (80, 70), (200, 10, 99)))
-    for view in (x1, x2, crops.movedim(1, 0)):   # crops [M, 3, s, s] -> [3, M, s, s]
-        assert (view.reshape(3, -1) == torch.tensor([[200], [10], [99]], dtype=torch.uint8)).all()
+    colour = torch.tensor([[200], [10], [99]], dtype=torch.uint8)
+    for image in (Image.new("RGB", (80, 70), (200, 10, 99)), colour[:, :, None].expand(3, 70, 80)):
+        x1, x2, crops = data.MultiViewTransform("byol", 64, 32, 4)(image)
+        for view in (x1, x2, crops.movedim(1, 0)):   # crops [M, 3, s, s] -> [3, M, s, s]
+            assert view.dtype == torch.uint8 and (view.reshape(3, -1) == colour).all()
+
+
+def _coordinate_image(width=256, height=192):
+    """uint8 [3, height, width]: red = x, green = y, blue = 0; a view's pixels tell where it was cropped from."""
+    x = torch.arange(width, dtype=torch.uint8).expand(height, width)
+    y = torch.arange(height, dtype=torch.uint8)[:, None].expand(height, width)
+    return torch.stack([x, y, torch.zeros_like(x)])
+
+
+def test_view_transform_crop_scale_aspect_and_flip_rates():
+    """view_transform on a uint8 tensor: each view's crop (read back from the coordinate image's red and green
+    slopes between the quarter points) covers a share of the image within its scale range at an aspect within
+    [3/4, 4/3], both ranges filled; flipped (red falling left to right) at 1/2 (within 4 sigma of 600 views)."""
+    image, size, n = _coordinate_image(), 64, 600
+    torch.manual_seed(0)
+    for low in (0.08, 0.2):
+        views = torch.stack([data.view_transform(size, (low, 1.0))(image) for _ in range(n)]).float()
+        slope_x = (views[:, 0, size // 2, 3 * size // 4] - views[:, 0, size // 2, size // 4]) * 2
+        slope_y = (views[:, 1, 3 * size // 4, size // 2] - views[:, 1, size // 4, size // 2]) * 2
+        width, height = slope_x.abs(), slope_y                 # the crop's sides, in pixels of the image
+        scale, aspect = width * height / (256 * 192), width / height
+        assert scale.min() > low * 0.9 and scale.max() < 1.05 and scale.min() < low + 0.05 and scale.max() > 0.9
+        assert aspect.min() > 3 / 4 * 0.93 and aspect.max() < 4 / 3 / 0.93
+        assert aspect.min() < 3 / 4 * 1.07 and aspect.max() > 4 / 3 / 1.07
+        assert abs((slope_x < 0).float().mean() - 0.5) < 4 * math.sqrt(0.25 / n)
+
+
+def test_tensor_views_of_real_cifar_match_the_pil_loader(tmp_path):
+    """2,100 views (x1, x2, a crop) of 700 real CIFAR-10 JPEGs: load_image + MultiViewTransform (crops and flips on
+    the uint8 tensor) against the PIL loader they replaced (bench.pil_loader_views: PIL decode, crop and flip,
+    PILToTensor). From the same torch seed the same crops and flips: every pixel within 2 grey levels, under 0.5 on
+    average (the two resamplers round apart); from other seeds the per-channel means within 4 standard errors of
+    the PIL loader's."""
+    root = cifar_subset(str(tmp_path), {"train": 70})
+    paths = [path for path, _ in torchvision.datasets.ImageFolder(os.path.join(root, "train")).samples]
+    assert len(paths) == 700
+    tensor_views, pil_views = data.MultiViewTransform("byol", 32, 16, 1), bench.pil_loader_views("byol", 32, 16, 1)
+    means = {"tensor": [], "pil": []}
+    for index, path in enumerate(paths):
+        torch.manual_seed(index)
+        new = tensor_views(data.load_image(path))
+        torch.manual_seed(index)
+        old = pil_views(Image.open(path).convert("RGB"))
+        differences = [(a.int() - b.int()).abs() for a, b in zip(new, old)]
+        assert all(difference.max() <= 2 and difference.float().mean() < 0.5 for difference in differences)
+        torch.manual_seed(10**6 + index)
+        old = pil_views(Image.open(path).convert("RGB"))
+        for name, (x1, x2, crops) in (("tensor", new), ("pil", old)):   # an image's 3 views: one sample
+            means[name].append(torch.stack([x1.float().mean((1, 2)), x2.float().mean((1, 2)),
+                                            crops[0].float().mean((1, 2))]).mean(0))
+    new, old = torch.stack(means["tensor"]), torch.stack(means["pil"])
+    standard_error = ((new.var(0) + old.var(0)) / len(paths)).sqrt()
+    assert ((new.mean(0) - old.mean(0)).abs() < 4 * standard_error).all()
+    assert (standard_error < 2.5).all()                        # the check has teeth: under 10 grey levels
 
 
 def test_recipes_moco_views_alike_byol_views_asymmetric():
@@ -1617,14 +1693,49 @@ def test_recipes_moco_views_alike_byol_views_asymmetric():
 
 
 def test_safe_image_folder_skips_a_corrupt_image_with_a_warning(tmp_path):
-    """SafeImageFolder returns the next readable image for a corrupt one, warning with its file name."""
+    """SafeImageFolder returns the next readable image (load_image's uint8 tensor) for a corrupt or truncated one,
+    warning with each skipped file's name."""
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "0_broken.png").write_bytes(b"not an image")
-    Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "a" / "1_red.png")
+    Image.new("RGB", (64, 48), (0, 0, 255)).save(tmp_path / "whole.jpg")
+    jpeg = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "a" / "1_truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "a" / "2_red.png")
     folder = data.SafeImageFolder(str(tmp_path))
-    with pytest.warns(UserWarning, match="0_broken.png"):
+    with pytest.warns(UserWarning, match="0_broken.png") as caught:
         image, label = folder[0]
-    assert image.getpixel((0, 0)) == (255, 0, 0) and label == 0
+    assert any("1_truncated.jpg" in str(warning.message) for warning in caught)
+    assert image.dtype == torch.uint8 and image[:, 0, 0].tolist() == [255, 0, 0] and label == 0
+
+
+def test_load_image_gives_rgb_uint8_for_greyscale_cmyk_png_and_formats_torchvision_does_not_read(tmp_path):
+    """load_image -> uint8 [3, H, W] with PIL's RGB pixels: greyscale and CMYK JPEGs (within 2 grey levels: JPEG
+    decoders may round apart), RGBA, palette and 16-bit PNGs and a BMP (through PIL) exactly."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    files = {"grey.jpg": rgb.convert("L"), "cmyk.jpg": rgb.convert("CMYK"), "rgb.jpg": rgb, "rgba.png":
+             rgb.convert("RGBA"), "palette.png": rgb.convert("P"), "deep.png": rgb.convert("I;16"), "rgb.bmp": rgb}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        decoded = data.load_image(str(tmp_path / name))
+        expected = torch.from_numpy(np.array(Image.open(tmp_path / name).convert("RGB"))).permute(2, 0, 1)
+        assert decoded.shape == (3, 30, 40) and decoded.dtype == torch.uint8, name
+        assert (decoded.int() - expected.int()).abs().max() <= (2 if name.endswith(".jpg") else 0), name
+    with pytest.raises(OSError):                                # what SafeImageFolder skips
+        data.load_image(str(tmp_path / "missing.jpg"))
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_eval_transform_of_load_images_tensor_equals_that_of_the_pil_image(tmp_path, augmented):
+    """eval_transform resizes on PIL whatever it is given: a folder's load_image tensor evaluates exactly as the
+    PIL image of the same pixels did (torchvision's tensor resize differs from PIL's by 1 grey level here and there)."""
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(path)
+    transform = data.eval_transform(96, augment=augmented)
+    torch.manual_seed(0)
+    from_tensor = transform(data.load_image(str(path)))
+    torch.manual_seed(0)
+    from_pil = transform(Image.open(path).convert("RGB"))
+    assert from_tensor.shape == (3, 96, 96) and torch.equal(from_tensor, from_pil)
 
 
 def _class_folders(root, classes, count=1):
