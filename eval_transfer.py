@@ -58,7 +58,8 @@ def load_splits(name: str, args, transform) -> dict:
         if not args.test_data:
             raise SystemExit("error: imagefolder: pass --data (train), --test-data and, if it has one, --val-data")
         paths = {"train": args.data, "val": args.val_data, "test": args.test_data}
-        splits = {split: path and build_dataset("imagefolder", path, True, transform) for split, path in paths.items()}
+        splits = {split: build_dataset("imagefolder", path, True, transform) if path else None
+                  for split, path in paths.items()}
         if any(split is not None and split.classes != splits["train"].classes for split in splits.values()):
             raise SystemExit("error: imagefolder: --data, --val-data and --test-data need the same class folders")
         return splits
