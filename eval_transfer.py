@@ -85,7 +85,7 @@ def fit_logistic(features, labels, num_classes: int, lam: float, init=None, tole
                  max_iter: int = MAX_ITER):
     """Minimise mean_i CE(x_i W + b, y_i) + lam / 2 ||W||^2 (the bias unpenalised) over W [D, K] and b [K] by
     full-batch L-BFGS with a strong Wolfe line search, from init = (W, b), else from W = 0 and b = log class counts
-    (the optimum at W = 0). features [N, D] float64 (fp32 rounding stalls near 1e-4), labels [N]. It stops when
+    (the optimum at W = 0). features [N, D] float64 (in fp32 the fits stall above it), labels [N]. It stops when
     every gradient entry is at most tolerance times the largest one at W = 0, b = 0, or after max_iter
     iterations. Returns (W, b, that relative gradient)."""
     if init is None:
@@ -184,7 +184,7 @@ def main():
     parser.add_argument("--datasets", nargs="+", default=list(TORCHVISION), choices=[*TORCHVISION, "imagefolder"])
     parser.add_argument("--root", default=os.path.join("data", "transfer"), help="torchvision's datasets (downloaded)")
     parser.add_argument("--data", help="imagefolder: the train split, one folder per class")
-    parser.add_argument("--val-data", help=f"imagefolder: its val split (default: {VAL_SHARE:.0%} of --data held out)")
+    parser.add_argument("--val-data", help=f"imagefolder: its val split (default: {VAL_SHARE * 100:.0f} %% of --data held out)")
     parser.add_argument("--test-data", help="imagefolder: its test split")
     parser.add_argument("--image-size", type=int, default=224, help="resize (bicubic) + centre crop to it (px)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")

@@ -2424,6 +2424,16 @@ def test_held_out_split_is_stratified_and_fixed_by_the_seed():
     assert not torch.equal(eval_transfer.held_out(labels, seed=1)[1], val_index)
 
 
+def test_transfer_help_lists_the_datasets_and_the_held_out_share(monkeypatch, capsys):
+    """--help prints (argparse formats every help string) and names the nine datasets and the 20 % share."""
+    monkeypatch.setattr(sys, "argv", ["eval_transfer.py", "--help"])
+    with pytest.raises(SystemExit) as done:
+        eval_transfer.main()
+    shown = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "20 % of --data held out" in shown
+    assert all(name in shown for name in [*eval_transfer.TORCHVISION, "imagefolder"])
+
+
 def test_transfer_cli_runs_imagefolder_and_a_missing_dataset_fails_alone(image_folders, tmp_path):
     """--datasets imagefolder cars: cars (not there) is one line and exit 1; imagefolder still runs, 20 % of train
     held out, 100 % test on red/green/blue, its JSON entry and the table with the paper's rows."""
