@@ -184,11 +184,14 @@ def main():
     parser.add_argument("--datasets", nargs="+", default=list(TORCHVISION), choices=[*TORCHVISION, "imagefolder"])
     parser.add_argument("--root", default=os.path.join("data", "transfer"), help="torchvision's datasets (downloaded)")
     parser.add_argument("--data", help="imagefolder: the train split, one folder per class")
-    parser.add_argument("--val-data", help=f"imagefolder: its val split (default: {VAL_SHARE * 100:.0f} %% of --data held out)")
+    parser.add_argument("--val-data", help=f"imagefolder: its val split (default: {VAL_SHARE * 100:.0f} %% of --data "
+                        "held out)")
     parser.add_argument("--test-data", help="imagefolder: its test split")
     parser.add_argument("--image-size", type=int, default=224, help="resize (bicubic) + centre crop to it (px)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
     args = parser.parse_args()
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):   # now, not after the fits
+        parser.error(f"--out {args.out}: its folder does not exist; create it or choose another --out")
     results, failed = {}, []
     with distributed() as device:
         trunk, transform = build_trunk(args, device), transfer_transform(args.image_size)

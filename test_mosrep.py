@@ -2360,8 +2360,8 @@ def test_transfer_fit_sweeps_warm_picks_the_best_val_lambda_and_refits_on_train_
     calls, fit = [], eval_transfer.fit_logistic
     monkeypatch.setattr(eval_transfer, "fit_logistic", lambda *a: calls.append((a, fit(*a))) or calls[-1][1])
     features, labels = _gaussian_classes(260, 30, 3, seed=2, spread=0.3)
-    train, val, test = (features[:120], labels[:120]), (features[120:160], labels[120:160]), (features[160:],
-                                                                                              labels[160:])
+    train, val = (features[:120], labels[:120]), (features[120:160], labels[120:160])
+    test = features[160:], labels[160:]
     result = eval_transfer.transfer_fit(train, val, test)
     assert len(calls) == 46 and [c[0][3] for c in calls[:45]] == sorted(eval_transfer.LAMBDAS, reverse=True)
     assert calls[0][0][4] is None and all(c[0][4] == list(p[1][:2]) for c, p in zip(calls[1:45], calls))
@@ -2415,8 +2415,8 @@ def test_each_dataset_builds_its_torchvision_class_with_the_papers_splits(monkey
 
 def test_held_out_split_is_stratified_and_fixed_by_the_seed():
     """20 % of every class (rounded half up) as val, the rest train, disjoint; the same for a seed, not another."""
-    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 3 + [3] * 7)[torch.randperm(25, generator=torch.Generator()
-                                                                                .manual_seed(0))]
+    shuffle = torch.randperm(25, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 3 + [3] * 7)[shuffle]
     train_index, val_index = eval_transfer.held_out(labels, seed=0)
     assert torch.bincount(labels[val_index]).tolist() == [2, 1, 1, 1]
     assert sorted(train_index.tolist() + val_index.tolist()) == list(range(25))
@@ -2424,14 +2424,19 @@ def test_held_out_split_is_stratified_and_fixed_by_the_seed():
     assert not torch.equal(eval_transfer.held_out(labels, seed=1)[1], val_index)
 
 
-def test_transfer_help_lists_the_datasets_and_the_held_out_share(monkeypatch, capsys):
-    """--help prints (argparse formats every help string) and names the nine datasets and the 20 % share."""
+def test_transfer_help_lists_the_datasets_and_a_missing_out_folder_stops_first(monkeypatch, capsys):
+    """--help prints (argparse formats every help string) and names the nine datasets and the 20 % share; an --out
+    in a missing folder is a usage error before any work."""
     monkeypatch.setattr(sys, "argv", ["eval_transfer.py", "--help"])
     with pytest.raises(SystemExit) as done:
         eval_transfer.main()
     shown = " ".join(capsys.readouterr().out.split())
     assert done.value.code == 0 and "20 % of --data held out" in shown
     assert all(name in shown for name in [*eval_transfer.TORCHVISION, "imagefolder"])
+    monkeypatch.setattr(sys, "argv", ["eval_transfer.py", "--weights", "random", "--out", "/no/such/folder/t.json"])
+    with pytest.raises(SystemExit) as done:   # before any extraction or fit
+        eval_transfer.main()
+    assert done.value.code == 2 and "--out /no/such/folder/t.json: its folder does not exist" in capsys.readouterr().err
 
 
 def test_transfer_cli_runs_imagefolder_and_a_missing_dataset_fails_alone(image_folders, tmp_path):
