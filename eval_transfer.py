@@ -179,8 +179,8 @@ def markdown_table(results: dict, label: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def main():
-    parser = add_common_args(argparse.ArgumentParser(description="linear-probing transfer of a frozen trunk"), False)
+def add_transfer_data_args(parser: argparse.ArgumentParser):
+    """eval_transfer.py's data and loader flags, in place of data.add_data_args."""
     parser.add_argument("--datasets", nargs="+", default=list(TORCHVISION), choices=[*TORCHVISION, "imagefolder"])
     parser.add_argument("--root", default=os.path.join("data", "transfer"), help="torchvision's datasets (downloaded)")
     parser.add_argument("--data", help="imagefolder: the train split, one folder per class")
@@ -189,7 +189,11 @@ def main():
     parser.add_argument("--test-data", help="imagefolder: its test split")
     parser.add_argument("--image-size", type=int, default=224, help="resize (bicubic) + centre crop to it (px)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
-    args = parser.parse_args()
+
+
+def main():
+    parser = argparse.ArgumentParser(description="linear-probing transfer of a frozen trunk")
+    args = add_common_args(parser, add_transfer_data_args).parse_args()
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):   # now, not after the fits
         parser.error(f"--out {args.out}: its folder does not exist; create it or choose another --out")
     results, failed = {}, []
