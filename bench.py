@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 
 import augment
 import data
+import eval_transfer
 import models
 from mosaic import default_jitter, make_mosaic
 
@@ -71,6 +72,8 @@ def parse_args(argv=None):
                    "to (default: CPU count)")
     p.add_argument("--supervised", action="store_true", help="also time a supervised ResNet step (the ceiling)")
     p.add_argument("--loader-only", action="store_true", help="only the LOADER comparison (about a minute)")
+    p.add_argument("--transfer", type=int, nargs=3, metavar=("N", "D", "K"), help="only time eval_transfer.py's "
+                   "45-lambda sweep + refit on N x D synthetic features of K classes (the goal: 50000 2048 10)")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -294,6 +297,26 @@ def bench_loader(args, framework="byol", rounds=3):
     return rates, source
 
 
+def bench_transfer(num_features, dim, num_classes, device):
+    """Print the TRANSFER line: seconds of eval_transfer.transfer_fit (45 L-BFGS fits + the refit) on num_features x
+    dim synthetic ReLU features of num_classes Gaussian classes (20 % held out as val; num_features / 5 test)."""
+    generator = torch.Generator().manual_seed(0)
+    means = 0.05 * torch.randn(num_classes, dim, generator=generator)
+
+    def split(count):
+        labels = torch.arange(count) % num_classes
+        return (means[labels] + torch.randn(count, dim, generator=generator)).relu().to(device), labels.to(device)
+
+    (features, labels), test = split(num_features), split(num_features // 5)
+    train, val = ((features[index], labels[index]) for index in eval_transfer.held_out(labels.cpu(), seed=0))
+    began = time.perf_counter()
+    result = eval_transfer.transfer_fit(train, val, test)
+    print(f"TRANSFER features={num_features}x{dim} classes={num_classes} device={device.type} "
+          f"threads={torch.get_num_threads()} sweep+refit={time.perf_counter() - began:.1f}s (goal: 300 s for "
+          f"50000 2048 10 on 2 CPU cores) lambda={result['best_lambda']:.3g} test_top1={result['test']:.1f} "
+          f"relative_gradient={result['relative_gradient']:.1e}")
+
+
 def main():
     args = parse_args()
     device = torch.device(args.device)
@@ -309,6 +332,8 @@ def main():
     print(f"# step: synthetic inputs on {device.type}, autocast {args.amp}, SGD momentum 0.9 for both frameworks, "
           f"EMA 0.99; mem = {'max_memory_allocated' if device.type == 'cuda' else 'peak RSS growth'} (MiB)")
 
+    if args.transfer:
+        return bench_transfer(*args.transfer, device)
     if args.loader_only:
         print(loader_line(args))
         return

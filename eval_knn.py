@@ -17,12 +17,12 @@ from models import ARCHS, STEMS, distributed, gather_all, load_trunk, rank, worl
 KNN_TEMPERATURE = 0.07
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the flags both evaluation scripts share (weights, network, data, loader, output); returns parser."""
+def add_common_args(parser: argparse.ArgumentParser, data_args=add_data_args) -> argparse.ArgumentParser:
+    """Add the flags the evaluation scripts share (weights, network, data_args(parser), loader, output)."""
     parser.add_argument("--weights", required=True, help="a backbone.pth, a train.py checkpoint.pth, or 'random'")
     parser.add_argument("--arch", default="resnet50", choices=ARCHS)
     parser.add_argument("--stem", default="imagenet", choices=STEMS)
-    add_data_args(parser)
+    data_args(parser)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="also seeds the 'random' trunk, the same on every process")
     parser.add_argument("--out", help="also write the results as JSON to this file")

@@ -2,11 +2,13 @@
 imagenet/train --augment`): a non-affine BatchNorm + linear layer on pooled features, SGD, cosine schedule, no
 AMP; one head per --lr, trained at once, the best picked on the val split it is reported on (as in the papers).
 Cached centre-crop features by default; --augment is the paper's protocol (RandomResizedCrop + flip through the
-trunk every epoch); --label-fraction 0.01 / 0.1 keeps a class-balanced share of the labels (the 1 % / 10 % rows).
+trunk every epoch); --label-list keeps the train images a file names (SimCLR's 1percent.txt / 10percent.txt: the
+papers' 1 % / 10 % rows), --label-fraction a class-balanced random share where no list exists.
 """
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -35,6 +37,43 @@ def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
                              f"it needs at least {0.5 / len(members):.3g}")
         kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
     return torch.cat(kept).sort().values
+
+
+def listed_subset(samples, classes, list_path: str) -> list:
+    """Indices of the (path, class index) samples whose file name list_path lists, one per line (SimCLR's
+    n04235860_14959.JPEG...). Names of classes not in `classes` (the synset before "_") are ignored, so that
+    ImageNet-100 takes ImageNet's lists. ValueError naming the count and an example when listed files of the
+    dataset's classes are missing, or when the file cannot be read."""
+    try:
+        with open(list_path) as file:
+            listed = {line.strip() for line in file if line.strip()}
+    except OSError as error:
+        raise ValueError(f"cannot read --label-list {list_path} ({error.strerror})") from None
+    synsets = set(classes)
+    listed = {name for name in listed if name.split("_")[0] in synsets}
+    if not listed:
+        raise ValueError(f"--label-list {list_path} names no file of the {len(synsets)} classes under --data")
+    kept = [i for i, (path, _) in enumerate(samples) if os.path.basename(path) in listed]
+    missing = sorted(listed - {os.path.basename(samples[i][0]) for i in kept})
+    if missing:
+        raise ValueError(f"{len(missing)} of the {len(listed)} files that {list_path} lists are not under --data "
+                         f"(e.g. {missing[0]}); point --data at the train split")
+    return kept
+
+
+def label_subset(args, train_set):
+    """train_set restricted to the files of --label-list, or to a class-balanced --label-fraction; SystemExit."""
+    try:
+        if args.label_list:
+            if not hasattr(train_set, "samples"):
+                raise ValueError("--label-list needs an ImageFolder --data (--dataset imagefolder or imagenet100)")
+            return Subset(train_set, listed_subset(train_set.samples, train_set.classes, args.label_list))
+        # .targets / .labels spare decoding every image; FakeData has neither
+        labels = getattr(train_set, "targets", getattr(train_set, "labels", None))
+        labels = [train_set[i][1] for i in range(len(train_set))] if labels is None else labels
+        return Subset(train_set, balanced_subset(labels, args.label_fraction, args.seed).tolist())
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 class ProbeHeads(nn.Module):
@@ -129,22 +168,20 @@ def main():
     parser.add_argument("--wd", type=float, default=0.0)
     parser.add_argument("--augment", action="store_true", help="RandomResizedCrop + flip through the trunk every epoch")
     parser.add_argument("--label-fraction", type=float, default=1.0, help="class-balanced subset of the train labels")
+    parser.add_argument("--label-list", help="keep only the train files it names, one per line (SimCLR's 1 / 10 %%)")
     args = parser.parse_args()
     args.epochs = args.epochs if args.epochs is not None else (90 if args.augment else 100)
     if args.epochs < 1 or min(args.lr) <= 0:
         parser.error("--epochs and --lr must be positive")
+    if args.label_list and args.label_fraction != 1:
+        parser.error("--label-list and --label-fraction each choose the labelled images: pass one")
     with distributed() as device:
         trunk, start = build_trunk(args, device), time.time()
         torch.manual_seed(args.seed)   # the heads' initialisation
         train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
             args.image_size, augment=args.augment), eval_transform(args.image_size), args.image_size, args.fake_size)
-        if args.label_fraction != 1:   # .targets / .labels spare decoding every image; FakeData has neither
-            labels = getattr(train_set, "targets", getattr(train_set, "labels", None))
-            labels = [train_set[i][1] for i in range(len(train_set))] if labels is None else labels
-            try:
-                train_set = Subset(train_set, balanced_subset(labels, args.label_fraction, args.seed).tolist())
-            except ValueError as error:
-                raise SystemExit(f"error: {error}") from None
+        if args.label_list or args.label_fraction != 1:
+            train_set = label_subset(args, train_set)
         # the trunk is frozen: the val features are the same every epoch, in both modes
         val_x, val_y = extract_features(trunk, shard_loader(val_set, args.batch_size, args.workers), device, "val")
         make_batches, steps = probe_batches(args, trunk, train_set, device)

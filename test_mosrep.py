@@ -40,6 +40,7 @@ import convert_detectron2  # noqa: E402
 import data
 import eval_knn
 import eval_linear
+import eval_transfer
 import losses
 import mixture
 import models
@@ -2362,6 +2363,215 @@ def test_eval_scripts_run_on_imagenet100(script, imagenet, tmp_path, monkeypatch
     with open(tmp_path / "r.json") as file:
         result = json.load(file)
     assert (result["args"]["dataset"], result["num_train"], result["num_classes"]) == ("imagenet100", 200, 100)
+
+
+# ---- --label-list (SimCLR's 1 % / 10 % files)
+
+@pytest.fixture
+def synset_tree(tmp_path):
+    """train/<synset>/<synset>_<i>.JPEG for two synsets, 3 images each, as ImageNet names them."""
+    for synset in ("n00000001", "n00000002"):
+        os.makedirs(tmp_path / "train" / synset)
+        for i in range(3):
+            Image.new("RGB", (4, 4), (40 * i, 0, 0)).save(tmp_path / "train" / synset / f"{synset}_{i}.JPEG")
+    return tmp_path
+
+
+def test_label_list_keeps_exactly_the_listed_files_and_ignores_other_classes(synset_tree):
+    """The listed files of the tree's classes, nothing else; a listed file of a class not in the tree is ignored."""
+    folder = torchvision.datasets.ImageFolder(synset_tree / "train")
+    listed = ["n00000001_2.JPEG", "n00000002_0.JPEG", "n00000002_1.JPEG", "n09999999_7.JPEG"]
+    (synset_tree / "list.txt").write_text("\n".join(listed) + "\n\n")
+    kept = eval_linear.listed_subset(folder.samples, folder.classes, str(synset_tree / "list.txt"))
+    assert sorted(os.path.basename(folder.samples[i][0]) for i in kept) == listed[:3]
+
+
+def test_label_list_missing_files_fail_in_one_line_with_count_and_example(synset_tree, monkeypatch):
+    """eval_linear --label-list: listed files absent from --data end in one line with their count and the first;
+    an unreadable list, or one naming none of the classes, is a one-line ValueError."""
+    (synset_tree / "list.txt").write_text("n00000001_0.JPEG\nn00000002_9.JPEG\nn00000001_8.JPEG\n")
+    monkeypatch.setattr(sys, "argv", ["eval_linear.py", "--weights", "random", "--arch", "resnet18", "--data",
+                                      str(synset_tree / "train"), "--val-data", str(synset_tree / "train"),
+                                      "--label-list", str(synset_tree / "list.txt"), "--workers", "0"])
+    with pytest.raises(SystemExit) as done:
+        eval_linear.main()
+    message = str(done.value)
+    assert "\n" not in message and message.startswith("error: 2 of the 3 files that")
+    assert "e.g. n00000001_8.JPEG" in message
+    folder = torchvision.datasets.ImageFolder(synset_tree / "train")
+    (synset_tree / "other.txt").write_text("n09999999_7.JPEG\n")
+    for path, fragment in (("absent.txt", "cannot read --label-list"), ("other.txt", "names no file of the 2")):
+        with pytest.raises(ValueError, match=fragment):
+            eval_linear.listed_subset(folder.samples, folder.classes, str(synset_tree / path))
+
+
+# ==================================================================================================
+# eval_transfer.py
+# ==================================================================================================
+
+def _gaussian_classes(n, d, k, seed, spread=1.0):
+    """features [n, d] float64 (class means + unit noise), labels [n] = i mod k."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % k
+    means = spread * torch.randn(k, d, generator=generator, dtype=torch.float64)
+    return means[labels] + torch.randn(n, d, generator=generator, dtype=torch.float64), labels
+
+
+def _objective(features, labels, lam):
+    return lambda W, b: F.cross_entropy(features @ W + b, labels) + lam / 2 * W.square().sum()
+
+
+def _newton(features, labels, k, lam, steps=30):
+    """An independent solve: Newton's method on the flat (W, b) in float64, autograd's Hessian, pinv (b is
+    defined up to a constant)."""
+    d, objective = features.shape[1], _objective(features, labels, lam)
+    flat = lambda theta: objective(theta[:d * k].view(d, k), theta[d * k:])
+    theta = torch.zeros(d * k + k, dtype=torch.float64)
+    for _ in range(steps):
+        gradient = torch.autograd.functional.jacobian(flat, theta)
+        theta = theta - torch.linalg.pinv(torch.autograd.functional.hessian(flat, theta)) @ gradient
+    assert torch.autograd.functional.jacobian(flat, theta).abs().max() < 1e-12
+    return theta[:d * k].view(d, k), theta[d * k:]
+
+
+@pytest.mark.parametrize("lam", [1e-4, 1e-2, 1.0])
+def test_fit_logistic_gradient_of_the_regularised_loss_vanishes(lam):
+    """The fitted (W, b) zero the gradient of mean CE + lam / 2 ||W||^2, computed again here: every entry below
+    1e-5 of the largest at W = 0, b = 0; the bias carries no penalty."""
+    features, labels = _gaussian_classes(400, 16, 4, seed=0)
+    W, b, relative = eval_transfer.fit_logistic(features, labels, 4, lam)
+    objective = _objective(features, labels, lam)
+    zero = [torch.zeros_like(W, requires_grad=True), torch.zeros_like(b, requires_grad=True)]
+    reference = max(g.abs().max() for g in torch.autograd.grad(objective(*zero), zero))
+    params = [W.clone().requires_grad_(), b.clone().requires_grad_()]
+    gradient = max(g.abs().max() for g in torch.autograd.grad(objective(*params), params))
+    assert gradient / reference < 1e-5 and relative == pytest.approx(float(gradient / reference), rel=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_fit_logistic_matches_a_float64_newton_solve(lam):
+    """On a small problem, W and the centred b agree with Newton's within 1e-4, from zero and from a warm start."""
+    features, labels = _gaussian_classes(60, 5, 3, seed=1)
+    newton_W, newton_b = _newton(features, labels, 3, lam)
+    warm = eval_transfer.fit_logistic(features, labels, 3, lam * 10)[:2]
+    for init in (None, warm):
+        W, b, _ = eval_transfer.fit_logistic(features, labels, 3, lam, init)
+        assert (W - newton_W).abs().max() < 1e-4
+        assert ((b - b.mean()) - (newton_b - newton_b.mean())).abs().max() < 1e-4
+
+
+def test_score_top1_and_mean_per_class_by_hand():
+    """Unbalanced toy: class 0 gets 3 of 4 right, class 1 0 of 1, class 2 2 of 2; class 3 is absent."""
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    predicted = torch.tensor([0, 0, 0, 2, 0, 2, 2])
+    logits = F.one_hot(predicted, 4).double()
+    assert eval_transfer.score(logits, labels) == pytest.approx(100 * 5 / 7)
+    assert eval_transfer.score(logits, labels, per_class=True) == pytest.approx((75 + 0 + 100) / 3)
+
+
+def test_transfer_fit_sweeps_warm_picks_the_best_val_lambda_and_refits_on_train_plus_val(monkeypatch):
+    """45 fits from lambda 1e5 down to 1e-6, each from the previous solution; the val curve scores each; the best
+    (of ties the largest lambda) is refitted from its solution on train + val, standardised anew; test scored once."""
+    calls, fit = [], eval_transfer.fit_logistic
+    monkeypatch.setattr(eval_transfer, "fit_logistic", lambda *a: calls.append((a, fit(*a))) or calls[-1][1])
+    features, labels = _gaussian_classes(260, 30, 3, seed=2, spread=0.3)
+    train, val = (features[:120], labels[:120]), (features[120:160], labels[120:160])
+    test = features[160:], labels[160:]
+    result = eval_transfer.transfer_fit(train, val, test)
+    assert len(calls) == 46 and [c[0][3] for c in calls[:45]] == sorted(eval_transfer.LAMBDAS, reverse=True)
+    assert calls[0][0][4] is None and all(c[0][4] == list(p[1][:2]) for c, p in zip(calls[1:45], calls))
+    standardise = lambda x, ref: (x - ref.mean(0)) / ref.std(0)
+    curve = [[a[3], eval_transfer.score(standardise(val[0], train[0]) @ W + b, val[1])] for a, (W, b, _) in calls[:45]]
+    flat = lambda points: [value for point in points for value in point]
+    assert flat(result["val_curve"]) == pytest.approx(flat(curve[::-1]))
+    assert len({round(v, 6) for _, v in curve}) > 1   # the choice is not trivial
+    best = next(point for point in curve if point[1] == max(v for _, v in curve))
+    (x, y, _, lam, init), (W, b, _) = calls[45]
+    everything = torch.cat([train[0], val[0]])
+    assert lam == best[0] == result["best_lambda"] and torch.equal(y, torch.cat([train[1], val[1]]))
+    assert torch.allclose(x, standardise(everything, everything))
+    assert all(torch.equal(u, v) for u, v in zip(init, calls[curve.index(best)][1][:2]))
+    assert result["test"] == eval_transfer.score(standardise(test[0], everything) @ W + b, test[1])
+
+
+class _Recorder:
+    """Stands in for a torchvision dataset class: records its arguments, builds nothing, downloads nothing."""
+    calls = []
+
+    def __init__(self, root, **kwargs):
+        self.calls.append((type(self).__name__, root, kwargs))
+
+
+SPLIT_ARGUMENTS = {
+    "cifar10": ("CIFAR10", [{"train": True}, {"train": False}]),
+    "cifar100": ("CIFAR100", [{"train": True}, {"train": False}]),
+    "stl10": ("STL10", [{"split": "train"}, {"split": "test"}]),
+    "food101": ("Food101", [{"split": "train"}, {"split": "test"}]),
+    "flowers102": ("Flowers102", [{"split": "train"}, {"split": "val"}, {"split": "test"}]),
+    "dtd": ("DTD", [{"split": s, "partition": 1} for s in ("train", "val", "test")]),
+    "pets": ("OxfordIIITPet", [{"split": "trainval", "target_types": "category"},
+                               {"split": "test", "target_types": "category"}]),
+    "cars": ("StanfordCars", [{"split": "train", "download": False}, {"split": "test", "download": False}])}
+
+
+def test_each_dataset_builds_its_torchvision_class_with_the_papers_splits(monkeypatch):
+    """Every name builds its torchvision class with the split arguments (downloading into --root, cars excepted);
+    flowers102 and dtd bring their official val split, the others none (held out of train)."""
+    for kind, _ in SPLIT_ARGUMENTS.values():
+        monkeypatch.setattr(torchvision.datasets, kind, type(kind, (_Recorder,), {}))
+    args, transform = argparse.Namespace(root="somewhere"), object()
+    for name, (kind, splits) in SPLIT_ARGUMENTS.items():
+        _Recorder.calls.clear()
+        built = eval_transfer.load_splits(name, args, transform)
+        assert (built["val"] is None) == (name not in ("flowers102", "dtd"))
+        assert _Recorder.calls == [(kind, "somewhere", {"transform": transform, "download": True, **split})
+                                   for split in splits]
+
+
+def test_held_out_split_is_stratified_and_fixed_by_the_seed():
+    """20 % of every class (rounded half up) as val, the rest train, disjoint; the same for a seed, not another."""
+    shuffle = torch.randperm(25, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 3 + [3] * 7)[shuffle]
+    train_index, val_index = eval_transfer.held_out(labels, seed=0)
+    assert torch.bincount(labels[val_index]).tolist() == [2, 1, 1, 1]
+    assert sorted(train_index.tolist() + val_index.tolist()) == list(range(25))
+    assert torch.equal(eval_transfer.held_out(labels, seed=0)[1], val_index)
+    assert not torch.equal(eval_transfer.held_out(labels, seed=1)[1], val_index)
+
+
+def test_transfer_help_lists_the_datasets_and_a_missing_out_folder_stops_first(monkeypatch, capsys):
+    """--help prints (argparse formats every help string) and names the nine datasets and the 20 % share; an --out
+    in a missing folder is a usage error before any work."""
+    monkeypatch.setattr(sys, "argv", ["eval_transfer.py", "--help"])
+    with pytest.raises(SystemExit) as done:
+        eval_transfer.main()
+    shown = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "20 % of --data held out" in shown
+    assert all(name in shown for name in [*eval_transfer.TORCHVISION, "imagefolder"])
+    monkeypatch.setattr(sys, "argv", ["eval_transfer.py", "--weights", "random", "--out", "/no/such/folder/t.json"])
+    with pytest.raises(SystemExit) as done:   # before any extraction or fit
+        eval_transfer.main()
+    assert done.value.code == 2 and "--out /no/such/folder/t.json: its folder does not exist" in capsys.readouterr().err
+
+
+def test_transfer_cli_runs_imagefolder_and_a_missing_dataset_fails_alone(image_folders, tmp_path):
+    """--datasets imagefolder cars: cars (not there) is one line and exit 1; imagefolder still runs, 20 % of train
+    held out, 100 % test on red/green/blue, its JSON entry and the table with the paper's rows."""
+    out = tmp_path / "transfer.json"
+    done = run_eval("eval_transfer.py", "--datasets", "imagefolder", "cars", "--root", tmp_path, "--data",
+                    image_folders / "train", "--test-data", image_folders / "val", "--out", out)
+    assert done.returncode == 1
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 2 and errors[0].startswith("error: cars could not be loaded") and "stanford_cars" in errors[0]
+    assert errors[1] == "error: 1 of 2 datasets did not run: cars"
+    result = json.loads(out.read_text())
+    entry = result["datasets"]["imagefolder"]
+    assert (entry["num_train"], entry["num_val"], entry["num_test"], entry["metric"]) == (15, 3, 9, "top1")
+    assert entry["test"] == 100.0 and result["failed"] == ["cars"]
+    assert [lam for lam, _ in entry["val_curve"]] == pytest.approx(eval_transfer.LAMBDAS)
+    assert entry["best_lambda"] in [lam for lam, _ in entry["val_curve"]] and entry["relative_gradient"] < 1e-5
+    assert "| MosRep BYOL (paper) | 93.7 | 78.2 | 97.8 | 77.3 | 90.9 | 72.5 | 91.2 | 63.0 | - |" in done.stdout
+    assert "| this run (random) | - | - | - | - | - | - | - | - | 100.0 |" in done.stdout
 
 
 # ==================================================================================================

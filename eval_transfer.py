@@ -1,0 +1,230 @@
+"""Linear-probing transfer of a frozen trunk to eight datasets (`python eval_transfer.py --weights backbone.pth --root
+data/transfer`), the protocol of Kornblith et al. 2019 as SimCLR and BYOL run it: pooled fp32 features of resized,
+centre-cropped images (no augmentation); an l2-regularised multinomial logistic regression fitted to convergence by
+full-batch L-BFGS for each of 45 log-spaced lambdas in [1e-6, 1e5]; the lambda that scores best on a val split is
+refitted on train + val and scored once on test. docs/transfer.md: the commands, where each dataset goes, and the
+choices the papers leave open (objective scaling, held-out share, tolerance, standardisation).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+from augment import MEAN, STD
+from data import build_dataset
+from eval_knn import add_common_args, build_trunk, extract_features, shard_loader
+from eval_linear import balanced_subset
+from models import distributed, rank
+
+TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10", "food101": "Food101",
+               "flowers102": "Flowers102", "dtd": "DTD", "pets": "OxfordIIITPet", "cars": "StanfordCars"}
+OFFICIAL_VAL = ("flowers102", "dtd")    # the others hold VAL_SHARE of train out
+PER_CLASS = ("pets", "flowers102")      # scored by mean per-class accuracy, the others by top-1 (the papers' choice)
+PAPER = {"MosRep MoCo (paper)": (91.5, 74.5, 97.1, 74.3, 84.5, 71.3, 84.5, 44.8),
+         "MosRep BYOL (paper)": (93.7, 78.2, 97.8, 77.3, 90.9, 72.5, 91.2, 63.0)}   # in TORCHVISION's order
+LAMBDAS = torch.logspace(-6, 5, 45, dtype=torch.float64).tolist()
+VAL_SHARE, TOLERANCE, MAX_ITER = 0.2, 1e-5, 1000
+CARS = ("StanfordCars' download is broken upstream: put devkit/ (cars_meta.mat, cars_train_annos.mat), cars_train/, "
+        "cars_test/ and cars_test_annos_withlabels.mat in {root}/stanford_cars")
+
+
+def transfer_transform(image_size: int) -> v2.Compose:
+    """PIL image -> normalised float [3, S, S]: shorter side resized to S (bicubic), centre crop; no augmentation."""
+    return v2.Compose([v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(image_size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(MEAN, STD)])
+
+
+def build_split(name: str, root: str, split: str, transform):
+    """torchvision's dataset `name` (a TORCHVISION key), split "train", "val" (flowers102, dtd) or "test",
+    downloaded into root when missing (cars excepted)."""
+    kind = getattr(torchvision.datasets, TORCHVISION[name])
+    if name in ("cifar10", "cifar100"):
+        return kind(root, train=split == "train", transform=transform, download=True)
+    extra = {"dtd": {"partition": 1}, "pets": {"target_types": "category"}}.get(name, {})
+    split = "trainval" if name == "pets" and split == "train" else split
+    return kind(root, split=split, transform=transform, download=name != "cars", **extra)
+
+
+def load_splits(name: str, args, transform) -> dict:
+    """{"train", "val", "test"} datasets of `name` (val None: held out of train later); one-line SystemExit."""
+    if name == "imagefolder":
+        if not args.test_data:
+            raise SystemExit("error: imagefolder: pass --data (train), --test-data and, if it has one, --val-data")
+        paths = {"train": args.data, "val": args.val_data, "test": args.test_data}
+        splits = {split: build_dataset("imagefolder", path, True, transform) if path else None
+                  for split, path in paths.items()}
+        if any(split is not None and split.classes != splits["train"].classes for split in splits.values()):
+            raise SystemExit("error: imagefolder: --data, --val-data and --test-data need the same class folders")
+        return splits
+    try:
+        return {split: build_split(name, args.root, split, transform) if split != "val" or name in OFFICIAL_VAL
+                else None for split in ("train", "val", "test")}
+    except Exception as error:   # no internet, a partial download, a missing scipy (flowers102, cars)
+        fix = (CARS.format(root=args.root) if name == "cars" else
+               f"without internet, put torchvision's copy in {args.root} by hand")
+        raise SystemExit(f"error: {name} could not be loaded ({type(error).__name__}: "
+                         f"{(str(error).splitlines() or [''])[0]}); {fix}") from None
+
+
+def held_out(labels: torch.Tensor, seed: int):
+    """labels [N] -> (train indices, val indices): VAL_SHARE of every class (rounded half up), drawn from seed."""
+    val = balanced_subset(labels.cpu(), VAL_SHARE, seed)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten(), val
+
+
+def fit_logistic(features, labels, num_classes: int, lam: float, init=None, tolerance: float = TOLERANCE,
+                 max_iter: int = MAX_ITER):
+    """Minimise mean_i CE(x_i W + b, y_i) + lam / 2 ||W||^2 (the bias unpenalised) over W [D, K] and b [K] by
+    full-batch L-BFGS with a strong Wolfe line search, from init = (W, b), else from W = 0 and b = log class counts
+    (the optimum at W = 0). features [N, D] float64 (in fp32 the fits stall above it), labels [N]. It stops when
+    every gradient entry is at most tolerance times the largest one at W = 0, b = 0, or after max_iter
+    iterations. Returns (W, b, that relative gradient)."""
+    if init is None:
+        counts = torch.bincount(labels, minlength=num_classes).to(features)
+        init = features.new_zeros(features.shape[1], num_classes), counts.clamp_min(1).log()
+    objective = lambda W, b: F.cross_entropy(features @ W + b, labels) + lam / 2 * W.square().sum()
+    zero = [torch.zeros_like(tensor, requires_grad=True) for tensor in init]
+    reference = float(max(grad.abs().max() for grad in torch.autograd.grad(objective(*zero), zero)))
+    W, b = (tensor.detach().clone().requires_grad_() for tensor in init)
+    optimizer = torch.optim.LBFGS([W, b], max_iter=max_iter, tolerance_grad=tolerance * reference,
+                                  tolerance_change=0, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = objective(W, b)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    closure()   # the gradient at the final point (the line search's last evaluation may be another)
+    return W.detach(), b.detach(), float(max(W.grad.abs().max(), b.grad.abs().max())) / max(reference, 1e-300)
+
+
+def score(logits, labels, per_class: bool = False) -> float:
+    """Top-1 % of logits [N, K] for labels [N]; with per_class, the mean over the classes present of their top-1 %."""
+    hits = (logits.argmax(dim=1) == labels).double()
+    if not per_class:
+        return 100.0 * float(hits.mean())
+    counts = torch.bincount(labels)
+    return 100.0 * float((torch.bincount(labels, weights=hits, minlength=len(counts)) / counts)[counts > 0].mean())
+
+
+def standardiser(features):
+    """A function x -> (x - mean) / std with the per-column statistics of features [N, D] (constant columns -> 0)."""
+    mean, std = features.mean(dim=0), features.std(dim=0).clamp_min(1e-12)
+    return lambda x: (x - mean) / std
+
+
+def transfer_fit(train, val, test, per_class: bool = False) -> dict:
+    """train, val, test: (features [N, D], labels [N]) -> {test, best_lambda, val_curve [[lambda, val], ...] in
+    ascending lambda, relative_gradient (the largest of the 46 fits)}: the sweep on train, scored on val, then the
+    best lambda (of ties the largest) refitted on train + val and scored on test. Features standardised with the
+    statistics of the split fitted, in float64."""
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = ((x.double(), y) for x, y in (train, val, test))
+    num_classes = int(max(train_y.max(), val_y.max(), test_y.max())) + 1
+    normalise = standardiser(train_x)
+    x, vx = normalise(train_x), normalise(val_x)
+    params, curve, best_val, worst = None, [], -1.0, 0.0
+    for lam in reversed(LAMBDAS):   # from the most regularised: each fit starts from the previous solution
+        *params, relative = fit_logistic(x, train_y, num_classes, lam, params)
+        curve.append([lam, score(vx @ params[0] + params[1], val_y, per_class)])
+        worst = max(worst, relative)
+        if curve[-1][1] > best_val:   # strictly: of ties, the first met, the largest lambda
+            best_val, best_lambda, best_params = curve[-1][1], lam, params
+    all_x, all_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
+    normalise = standardiser(all_x)
+    W, b, relative = fit_logistic(normalise(all_x), all_y, num_classes, best_lambda, best_params)
+    return {"test": score(normalise(test_x) @ W + b, test_y, per_class), "best_lambda": best_lambda,
+            "val_curve": curve[::-1], "relative_gradient": max(worst, relative)}
+
+
+def run_dataset(name: str, args, trunk, transform, device):
+    """Extract the splits' features (each process a shard) and, on rank 0, fit: the JSON entry (None elsewhere)."""
+    splits, start = load_splits(name, args, transform), time.time()
+    features = {split: extract_features(trunk, shard_loader(dataset, args.batch_size, args.workers), device,
+                                        f"{name} {split}") for split, dataset in splits.items() if dataset is not None}
+    extracted = time.time()
+    if "val" not in features:
+        x, y = features["train"]
+        try:
+            train_index, val_index = (index.to(y.device) for index in held_out(y, args.seed))
+        except ValueError:
+            raise SystemExit(f"error: {name}: a class has under 3 train images, too few to hold "
+                             f"{VAL_SHARE:.0%} out") from None
+        features["train"], features["val"] = (x[train_index], y[train_index]), (x[val_index], y[val_index])
+    if rank() != 0:
+        return None
+    result = transfer_fit(features["train"], features["val"], features["test"], name in PER_CLASS)
+    return {"metric": "mean_per_class" if name in PER_CLASS else "top1", **result,
+            **{f"num_{split}": len(features[split][1]) for split in ("train", "val", "test")},
+            "feature_seconds": extracted - start, "seconds": time.time() - start}
+
+
+def markdown_table(results: dict, label: str) -> str:
+    """The paper's MosRep rows and this run's (label) over the eight datasets, and imagefolder if it ran."""
+    names = list(TORCHVISION) + [name for name in results if name not in TORCHVISION]
+    rows = [[row, *(f"{value:.1f}" for value in values), *["-"] * (len(names) - len(values))]
+            for row, values in PAPER.items()]
+    rows.append([label, *(f"{results[name]['test']:.1f}" if name in results else "-" for name in names)])
+    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def add_transfer_data_args(parser: argparse.ArgumentParser):
+    """eval_transfer.py's data and loader flags, in place of data.add_data_args."""
+    parser.add_argument("--datasets", nargs="+", default=list(TORCHVISION), choices=[*TORCHVISION, "imagefolder"])
+    parser.add_argument("--root", default=os.path.join("data", "transfer"), help="torchvision's datasets (downloaded)")
+    parser.add_argument("--data", help="imagefolder: the train split, one folder per class")
+    parser.add_argument("--val-data", help=f"imagefolder: its val split (default: {VAL_SHARE * 100:.0f} %% of --data "
+                        "held out)")
+    parser.add_argument("--test-data", help="imagefolder: its test split")
+    parser.add_argument("--image-size", type=int, default=224, help="resize (bicubic) + centre crop to it (px)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader processes")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="linear-probing transfer of a frozen trunk")
+    args = add_common_args(parser, add_transfer_data_args).parse_args()
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):   # now, not after the fits
+        parser.error(f"--out {args.out}: its folder does not exist; create it or choose another --out")
+    results, failed = {}, []
+    with distributed() as device:
+        trunk, transform = build_trunk(args, device), transfer_transform(args.image_size)
+        for name in dict.fromkeys(args.datasets):
+            try:
+                result = run_dataset(name, args, trunk, transform, device)
+            except SystemExit as error:   # one line, and the other datasets still run
+                failed.append(name)
+                if rank() == 0:
+                    print(error, file=sys.stderr, flush=True)
+                continue
+            if rank() == 0:
+                results[name] = result
+                print(f"{name}: test {result['metric']} {result['test']:.2f} %, lambda {result['best_lambda']:.3g}, "
+                      f"{result['num_train']} / {result['num_val']} / {result['num_test']} train / val / test, "
+                      f"features {result['feature_seconds']:.0f} s, fit "
+                      f"{result['seconds'] - result['feature_seconds']:.0f} s", flush=True)
+                if result["relative_gradient"] > TOLERANCE:
+                    print(f"  note: a fit stopped after {MAX_ITER} iterations at relative gradient "
+                          f"{result['relative_gradient']:.1e}", flush=True)
+        if rank() == 0:
+            print(markdown_table(results, f"this run ({args.weights})"))
+            if args.out:
+                with open(args.out, "w") as file:
+                    json.dump({"args": vars(args), "datasets": results, "failed": failed}, file, indent=2)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} of {len(dict.fromkeys(args.datasets))} datasets did not run: "
+                         f"{' '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
