@@ -139,37 +139,6 @@ def check_args(args, world: int):
         fail(f"cannot make the output folder --out {args.out} ({error.strerror or error}); choose another --out")
 
 
-@contextlib.contextmanager
-def locked_out(out: str):
-    """Holds an exclusive flock on out/.lock for the block, the holder's pid and host written in it (emptied at the
-    end). The kernel releases it however the process ends, so a killed run leaves no stale lock. A folder another
-    run holds stops this one in one line, the folder untouched; a file system without flock runs unlocked."""
-    try:
-        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        fail(f"cannot write to --out {out} ({error.strerror or error}); choose another --out")
-    held = False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:   # another process holds it
-        holder = os.pread(fd, 200, 0).decode(errors="replace") or "a run that is starting"
-        os.close(fd)
-        fail(f"--out {out} is in use by another run ({holder}); wait for it to end, or choose another --out")
-    except (OSError, AttributeError) as error:   # ENOLCK, EOPNOTSUPP...; AttributeError: fcntl is None
-        print(f"note: cannot lock --out {out} ({getattr(error, 'strerror', None) or 'no flock here'}); running "
-              f"unlocked: start no other run on this folder", flush=True)
-    else:
-        held = True
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    try:
-        yield
-    finally:
-        if held:
-            os.ftruncate(fd, 0)
-        os.close(fd)
-
-
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step is rescaled per tensor by trust * |w| / |g + wd * w| (You et al., 2017; BYOL's
     optimizer). Groups with lars=False (BN parameters, biases) get plain SGD without weight decay."""
@@ -361,6 +330,37 @@ def kept(args) -> str:
 def log(message: str):
     if models.rank() == 0:
         print(message, flush=True)
+
+
+@contextlib.contextmanager
+def locked_out(out: str):
+    """Holds an exclusive flock on out/.lock for the block, the holder's pid and host written in it (emptied at the
+    end). The kernel releases it however the process ends, so a killed run leaves no stale lock. A folder another
+    run holds stops this one in one line, the folder untouched; a file system without flock runs unlocked."""
+    try:
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        fail(f"cannot write to --out {out} ({error.strerror or error}); choose another --out")
+    held = False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:   # another process holds it
+        holder = os.pread(fd, 200, 0).decode(errors="replace") or "a run that is starting"
+        os.close(fd)
+        fail(f"--out {out} is in use by another run ({holder}); wait for it to end, or choose another --out")
+    except (OSError, AttributeError) as error:   # ENOLCK, EOPNOTSUPP...; AttributeError: fcntl is None
+        print(f"note: cannot lock --out {out} ({getattr(error, 'strerror', None) or 'no flock here'}); running "
+              f"unlocked: start no other run on this folder", flush=True)
+    else:
+        held = True
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield
+    finally:
+        if held:
+            os.ftruncate(fd, 0)
+        os.close(fd)
 
 
 def main(argv=None) -> int:
