@@ -256,8 +256,8 @@ def build_learner(args, device, world: int):
     # No buffer broadcast each step: the 32 MB queue is the same on every rank, and BN running statistics do not
     # affect training (rank 0's are exported; knn_report broadcasts them first). torch 2.13 renamed the argument
     # (its forward_sync_buffers=False still broadcasts once at the start: the same values, all ranks seeded alike).
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
-        else "broadcast_buffers"
+    accepted = inspect.signature(DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
     return learner, DistributedDataParallel(learner, device_ids=[device.index] if cuda else None,
                                             **{no_sync: False}) if world > 1 else learner
 
