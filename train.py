@@ -28,7 +28,7 @@ from mosaic import default_jitter, make_mosaic
 
 try:
     import fcntl
-except ImportError:   # not on Windows: the run goes unlocked
+except ImportError:   # Windows has none: runs there go unlocked
     fcntl = None
 
 # Per-framework defaults, used where argparse gives None (lr per 256 images; BYOL's ema: 0.996 beyond 300 epochs).
@@ -365,7 +365,7 @@ def locked_out(out: str):
 
 def main(argv=None) -> int:
     """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an error
-    included, lets the loader workers end, closes the log and leaves the process group."""
+    included, lets the loader workers end, closes the log, leaves the process group and releases --out."""
     args = parse_args(argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     # Rank 0 holds --out from before the first look at its files until the process ends.
