@@ -8,6 +8,7 @@ image mixtures of mixture.py inside the forward: "flatten" (Un-Mix) mixes the on
 """
 import contextlib
 import copy
+import datetime
 import math
 import os
 
@@ -159,15 +160,21 @@ class Encoder(nn.Module):
 
 
 @contextlib.contextmanager
-def distributed():
+def distributed(timeout_minutes: float = None):
     """Yields this process's device, having joined torchrun's process group when it set RANK (nccl on CUDA, gloo
-    on CPU), else staying a world of one: every later code path is the same. Leaves the group at the end."""
+    on CPU), else staying a world of one: every later code path is the same. Leaves the group at the end.
+    timeout_minutes: how long a collective may wait for a peer before it raises (default: torch's)."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # NCCL's watchdog then ends a process whose collective failed or timed out, instead of leaving it blocked;
+        # a value the user set wins (the variable's name changed in torch 2.2).
+        if cuda and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"} & set(os.environ):
+            os.environ[("TORCH_" if torch.__version__ >= "2.2" else "") + "NCCL_ASYNC_ERROR_HANDLING"] = "1"
+        timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+        dist.init_process_group("nccl" if cuda else "gloo", **timeout)
     try:
         yield device
     finally:

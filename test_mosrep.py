@@ -2220,7 +2220,8 @@ def test_knn_cli_separates_coloured_classes(image_folders, tmp_path):
 
 
 def test_knn_cli_two_processes_match_one(tmp_path):
-    """eval_knn under torchrun with 2 processes (odd split sizes: padded shards) gives the one-process knn_eval."""
+    """eval_knn under torchrun with 2 processes (odd split sizes: padded shards) gives the one-process knn_eval, and
+    prints no warning."""
     out = tmp_path / "knn.json"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                            "eval_knn.py", "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--image-size",
@@ -2228,6 +2229,7 @@ def test_knn_cli_two_processes_match_one(tmp_path):
                            "--k", "1", "5", "20", "--out", str(out)], cwd=HERE, capture_output=True, text=True,
                           timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Warning" not in done.stdout + done.stderr, done.stderr[-3000:]
     result = json.loads(out.read_text())
     transform = data.eval_transform(32)
     train_set, val_set, classes = data.build_splits("fake", None, None, transform, transform, 32, 33)
@@ -2326,11 +2328,13 @@ def _probe_history(stdout):
 
 
 def test_linear_cli_cached_reaches_the_separable_accuracy(image_folders, tmp_path):
-    """eval_linear CLI on red/green/blue: best head 100 %; best_epoch/best/last = first argmax/max/last of its log."""
+    """eval_linear CLI on red/green/blue: best head 100 %; best_epoch/best/last = first argmax/max/last of its log;
+    no warning printed."""
     out = tmp_path / "linear.json"
     done = run_eval("eval_linear.py", "--data", image_folders / "train", "--epochs", 3, "--lr", 0.1, 1,
                     "--label-fraction", 0.5, "--out", out)
     assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stdout + done.stderr, done.stderr
     result = json.loads(out.read_text())
     assert (result["num_train"], result["num_val"], result["num_classes"], len(result["heads"])) == (9, 9, 3, 2)
     assert result["best"] == max(result["heads"], key=lambda r: r["best_top1"])
@@ -2799,7 +2803,8 @@ def test_exported_backbone_loads_into_torchvision(tmp_path):
 
 
 def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
-    """torchrun --nproc_per_node=2 (gloo) trains and ends with bit-identical weights on both ranks."""
+    """torchrun --nproc_per_node=2 (gloo) trains and ends with bit-identical weights on both ranks, printing no
+    warning."""
     out = str(tmp_path)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                              "train.py", *TINY, "--framework", "moco", "--queue-size", "32", "--max-steps", "3",
@@ -2808,6 +2813,43 @@ def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     steps, (final,) = read_log(out)
     assert len(final["rank_checksums"]) == 2 and final["ranks_identical"]
     assert [r["step"] for r in steps] == [1, 2, 3]
+    assert "Warning" not in result.stdout + result.stderr, result.stderr[-3000:]
+
+
+KILL_RANK_WRAPPER = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import models, train
+calls, forward = [], models.MoCo.forward
+def forward_then_die(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 6 and os.environ["RANK"] == "1":   # the 6th step, after the checkpoint of step 4
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, *args, **kwargs)
+models.MoCo.forward = forward_then_die
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_rank_ends_torchrun_and_the_survivor_in_one_line(tmp_path):
+    """With rank 1 SIGKILLed at step 6 of a 2-process gloo run (moco + mosaic), torchrun exits non-zero within 60 s
+    and rank 0's own output ends in one line: a peer exited, rank 0 noticed, the step-4 checkpoint is intact, rerun
+    with --resume. No traceback."""
+    wrapper, logs = tmp_path / "die.py", tmp_path / "logs"
+    wrapper.write_text(KILL_RANK_WRAPPER.format(here=HERE))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             "--log-dir", str(logs), "--redirects", "3", str(wrapper), *TINY, "--framework", "moco",
+                             "--queue-size", "32", "--out", str(tmp_path / "run")],
+                            cwd=HERE, capture_output=True, text=True, timeout=60, env=ENV)
+    assert result.returncode != 0
+    survivor, = [os.path.join(root, "stderr.log") for root, _, files in os.walk(logs)
+                 if root.endswith(os.path.join("attempt_0", "0")) and "stderr.log" in files]
+    output = open(survivor).read()
+    assert "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0 lost its peers: a peer process exited"), output[-3000:]
+    assert "checkpoint.pth) is intact" in last and last.endswith("rerun the same command with --resume")
+    assert checkpoint_step(str(tmp_path / "run")) == 4
 
 
 def _corrupt_folder(tmp):
@@ -3085,7 +3127,8 @@ def test_a_crash_with_loader_workers_exits_instead_of_hanging(tmp_path):
 
 
 def test_log_after_sigkill_and_resume_has_each_step_once(tmp_path):
-    """A run SIGKILLed after an epoch-end checkpoint, then resumed, logs steps 1..N once and one final record."""
+    """A run SIGKILLed after an epoch-end checkpoint, then resumed, logs steps 1..N once and one final record; the
+    lock file it left (naming it) does not block the resume."""
     out = str(tmp_path / "run")
     flags = ["--dataset", "fake", "--fake-size", "40", "--batch-size", "8", "--epochs", "6", "--arch", "resnet18",
              "--stem", "cifar", "--image-size", "32", "--framework", "moco", "--queue-size", "16", "--views", "two",
@@ -3106,12 +3149,59 @@ def test_log_after_sigkill_and_resume_has_each_step_once(tmp_path):
     logged, _ = read_log(out)
     saved = checkpoint_step(out)
     assert saved % 5 == 0 and max(r["step"] for r in logged) > saved      # steps the resume must not log twice
+    assert open(os.path.join(out, ".lock")).read().startswith(f"pid {process.pid} on ")
     assert train.main(flags + ["--resume"]) == 0
+    assert open(os.path.join(out, ".lock")).read() == ""                    # emptied when the run released it
     steps, finals = read_log(out)
     assert [r["step"] for r in steps] == list(range(1, 31)) and len(finals) == 1 and finals[0]["step"] == 30
     assert train.main(flags + ["--resume"]) == 0                    # resuming a finished run
     steps, finals = read_log(out)
     assert [r["step"] for r in steps] == list(range(1, 31)) and len(finals) == 1
+
+
+def test_a_second_run_on_a_busy_out_stops_in_one_line_and_changes_nothing(tmp_path):
+    """While a run holds --out (paused after step 1), the same train.py command exits non-zero within 30 s in one
+    line naming the folder and the holder's pid, and so does its --resume: the folder unchanged. The first then
+    finishes and logs each step once."""
+    out = str(tmp_path / "run")
+    flags = [*TINY, "--max-steps", "3", "--out", out]
+    first = subprocess.Popen([sys.executable, "train.py", *flags], cwd=HERE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=ENV)
+    busy = (f"error: --out {out} is in use by another run (pid {first.pid} on {os.uname().nodename}); wait for it to "
+            f"end, or choose another --out")
+    try:
+        for line in first.stdout:
+            if " step 1/3 " in line:
+                os.kill(first.pid, signal.SIGSTOP)   # the holder stays alive, doing nothing, while the others try
+                break
+        before = snapshot(out)
+        second = subprocess.run([sys.executable, "train.py", *flags], cwd=HERE, capture_output=True, text=True,
+                                timeout=30, env=ENV)
+        assert (second.returncode, second.stdout, second.stderr) == (1, "", busy + "\n")
+        with pytest.raises(SystemExit) as error:   # --resume would trim log.jsonl if it got that far
+            train.main(flags + ["--resume"])
+        assert error.value.code == busy
+        assert snapshot(out) == before
+        os.kill(first.pid, signal.SIGCONT)
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0
+    steps, finals = read_log(out)
+    assert [r["step"] for r in steps] == [1, 2, 3] and len(finals) == 1
+
+
+def test_out_on_a_file_system_without_flock_runs_unlocked_with_a_note(tmp_path, monkeypatch, capsys):
+    """Where flock fails (ENOLCK), locked_out prints one note and lets the run go on, writing nothing."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    with train.locked_out(str(tmp_path)):
+        pass
+    assert capsys.readouterr().out == (f"note: cannot lock --out {tmp_path} (No locks available); running unlocked: "
+                                       f"start no other run on this folder\n")
+    assert (tmp_path / ".lock").read_text() == ""
 
 
 # ==================================================================================================

@@ -7,11 +7,13 @@ and log.jsonl to --out. The defaults are the paper's ImageNet recipe of the chos
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -24,6 +26,11 @@ import models
 from augment import augment
 from mosaic import default_jitter, make_mosaic
 
+try:
+    import fcntl
+except ImportError:   # Windows has none: runs there go unlocked
+    fcntl = None
+
 # Per-framework defaults, used where argparse gives None (lr per 256 images; BYOL's ema: 0.996 beyond 300 epochs).
 RECIPES = {"moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=0.999, epochs=200, dim=128),
            "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99, epochs=300, dim=256)}
@@ -35,10 +42,10 @@ DEMO_RECIPES = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch 
                 "byol": dict(optimizer="lars", lr=5.0, warmup_epochs=0, max_steps=180)}
 # What a resumed run may change: none alters the steps it repeats (a longer --epochs stretches the schedule).
 ADJUSTABLE_ON_RESUME = ("epochs max_steps workers amp data val_data out log_every knn_every knn_final knn_samples demo "
-                        "resume")
+                        "resume dist_timeout")
 # What each numeric flag must be, checked before any work starts.
 RULES = [("lr temperature jitter_alpha image_size crop_size crops batch_size epochs log_every knn_samples "
-          "fake_size", lambda v: v > 0, "positive"),
+          "fake_size dist_timeout", lambda v: v > 0, "positive"),
          ("wd jitter warmup_epochs queue_size workers max_steps knn_every", lambda v: v >= 0, "at least 0"),
          ("ema mix_global_p mix_region_p mix_weight", lambda v: 0 <= v <= 1, "within [0, 1]")]
 
@@ -70,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pth")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dist-timeout", type=float, default=5.0, help="minutes a process waits for a peer, then stops")
     p.add_argument("--log-every", type=int, default=50, help="steps")
     p.add_argument("--knn-every", type=int, default=0, help="k-NN monitor every N epochs (0 = off)")
     p.add_argument("--knn-final", action="store_true", help="at the end, k-NN of the backbone and of a random init")
@@ -129,8 +137,6 @@ def check_args(args, world: int):
         os.makedirs(args.out, exist_ok=True)
     except OSError as error:
         fail(f"cannot make the output folder --out {args.out} ({error.strerror or error}); choose another --out")
-    if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pth")):
-        fail(f"{args.out}/checkpoint.pth exists; pass --resume to continue it, or choose another --out")
 
 
 class LARS(torch.optim.Optimizer):
@@ -248,9 +254,12 @@ def build_learner(args, device, world: int):
         learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)   # (MoCo has shuffle-BN instead)
     learner = learner.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     # No buffer broadcast each step: the 32 MB queue is the same on every rank, and BN running statistics do not
-    # affect training (rank 0's are exported; knn_report broadcasts them first).
+    # affect training (rank 0's are exported; knn_report broadcasts them first). torch 2.13 renamed the argument
+    # (its forward_sync_buffers=False still broadcasts once at the start: the same values, all ranks seeded alike).
+    accepted = inspect.signature(DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
     return learner, DistributedDataParallel(learner, device_ids=[device.index] if cuda else None,
-                                            broadcast_buffers=False) if world > 1 else learner
+                                            **{no_sync: False}) if world > 1 else learner
 
 
 def train_step(batch, model, optimizer, scaler, autocast, args, device, step: int, stop_signal: list):
@@ -323,21 +332,84 @@ def log(message: str):
         print(message, flush=True)
 
 
+@contextlib.contextmanager
+def locked_out(out: str):
+    """Holds an exclusive flock on out/.lock for the block, the holder's pid and host written in it (emptied at the
+    end). The kernel releases it however the process ends, so a killed run leaves no stale lock. A folder another
+    run holds stops this one in one line, the folder untouched; a file system without flock runs unlocked."""
+    try:
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        fail(f"cannot write to --out {out} ({error.strerror or error}); choose another --out")
+    held = False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:   # another process holds it
+        holder = os.pread(fd, 200, 0).decode(errors="replace") or "a run that is starting"
+        os.close(fd)
+        fail(f"--out {out} is in use by another run ({holder}); wait for it to end, or choose another --out")
+    except (OSError, AttributeError) as error:   # ENOLCK, EOPNOTSUPP...; AttributeError: fcntl is None
+        print(f"note: cannot lock --out {out} ({getattr(error, 'strerror', None) or 'no flock here'}); running "
+              f"unlocked: start no other run on this folder", flush=True)
+    else:
+        held = True
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield
+    finally:
+        if held:
+            os.ftruncate(fd, 0)
+        os.close(fd)
+
+
 def main(argv=None) -> int:
     """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an error
-    included, lets the loader workers end, closes the log and leaves the process group."""
+    included, lets the loader workers end, closes the log, leaves the process group and releases --out."""
     args = parse_args(argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    # SIGTERM (preemption) and Ctrl-C become a request the loop polls after each step: it saves, then exits.
+    # Rank 0 holds --out from before the first look at its files until the process ends.
+    with locked_out(args.out) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():
+        if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pth")):
+            fail(f"{args.out}/checkpoint.pth exists; pass --resume to continue it, or choose another --out")
+        with models.distributed(args.dist_timeout) as device, stop_requests() as stop_signal, \
+                lost_peers_reported(args):
+            return train(args, device, stop_signal)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Yields a list that SIGTERM (preemption) and Ctrl-C append to during the block: the loop polls it after each
+    step, saves, then exits. Installed only once the process group is joined, so a signal before that (torchrun
+    ending the ranks of a run whose rank 0 stopped) ends the process at once."""
     stop_signal = []
     previous = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with models.distributed() as device:
-            return train(args, device, stop_signal)
+        yield stop_signal
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def lost_peers_reported(args):
+    """A failed collective in the block (a peer process exited, the network dropped, or a peer stalled beyond
+    --dist-timeout) ends this rank with one line: what, which rank, what is kept, how to go on. gloo raises a plain
+    RuntimeError naming itself, NCCL a DistError; any other error passes through."""
+    try:
+        yield
+    except RuntimeError as error:
+        if models.world_size() == 1 or not (isinstance(error, getattr(dist, "DistError", ())) or "gloo" in str(error)
+                                            or "NCCL" in str(error)):
+            raise
+        reason = str(error).split("] ", 1)[-1].split(". ")[0][:120]   # drops gloo's source location
+        rerun = "rerun the same command" + " with --resume" * os.path.exists(os.path.join(args.out, "checkpoint.pth"))
+        # Printed now, not by SystemExit at the very end: torchrun's SIGTERM may end the process before that.
+        print(f"error: rank {models.rank()} lost its peers: a peer process exited, the network dropped or a peer "
+              f"stalled over --dist-timeout {args.dist_timeout:g} min ({reason}); {kept(args)}; {rerun}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def train(args, device, stop_signal: list) -> int:
