@@ -4,13 +4,14 @@ the test split. Writes <out>/table.md and <out>/table.json, both rewritten after
 
     python cifar_table.py --data data/cifar10-jpg --epochs 200              # the full table (GPU)
     python cifar_table.py --data tiny/cifar10-jpg --max-steps 2 --batch-size 64 --probe-epochs 2  # smoke run
-    python cifar_table.py --data data/cifar10-jpg --epochs 5 --runs moco-two moco-mosaic --probe-epochs 0
+    python cifar_table.py --data data/cifar10-jpg --minutes 30 --runs moco-two moco-mosaic --probe-epochs 0
 
 Each run is a plain call of train.py, eval_knn.py and eval_linear.py (under torchrun with --nproc > 1),
 exactly as a user would type them; the commands are printed and kept in the JSON.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="the cifar10-jpg folder holding train/ and test/")
     p.add_argument("--out", default="runs/cifar_table")
     p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--minutes", type=float, help="instead of --epochs: the most epochs with which every run and its "
+                   "evaluations fit in this many minutes, from a 60-step calibration run")
     p.add_argument("--max-steps", type=int, default=0, help="cut every run short (smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="several seeds repeat every run")
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (default: all)")
@@ -69,6 +72,36 @@ def commands(args, name: str, seed: int):
     probe_cmd = launch + ["eval_linear.py", *evaluation, "--epochs", str(args.probe_epochs), "--out",
                           os.path.join(out, "linear.json")]
     return out, [train_cmd, knn_cmd] + ([probe_cmd] if args.probe_epochs else [])
+
+
+def choose_epochs(left_s, epoch_s, run_s, eval_s, runs=3, margin=0.9):
+    """The most whole epochs E such that `runs` runs of E epochs (epoch_s each, plus run_s of start-up) and their
+    evaluations (eval_s each) fit in margin * left_s seconds; 0 when not even one epoch fits."""
+    return max(0, math.floor((margin * left_s - runs * (run_s + eval_s)) / (runs * epoch_s)))
+
+
+def fit_epochs(args, log) -> int:
+    """--epochs for --minutes: 60 steps of the costliest run chosen (BYOL over MoCo, mosaic over the others) give the
+    images/s of a step and a run's start-up; k-NN and the cached probe each forward every image once (>= 2x the
+    training's images/s); every run is assumed to cost as much."""
+    name = max(args.runs, key=lambda n: (RUNS[n][0] == "byol", RUNS[n][1] == "mosaic"))
+    trial = argparse.Namespace(**{**vars(args), "epochs": 1, "max_steps": 60, "out": os.path.join(args.out, "fit")})
+    out, (train_cmd, *_) = commands(trial, name, args.seeds[0])
+    seconds = run(train_cmd, log)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        rates = sorted(r["images_per_s"] for r in map(json.loads, f) if "images_per_s" in r)
+    rate = rates[len(rates) // 2]
+    images = {split: sum(len(files) for _, _, files in os.walk(os.path.join(args.data, split)))
+              for split in ("train", "test")}
+    start_s = max(0.0, seconds - 60 * args.batch_size / rate)
+    eval_s = (1 + bool(args.probe_epochs)) * (start_s + (images["train"] + images["test"]) / (2 * rate))
+    epoch_s = images["train"] // args.batch_size * args.batch_size / rate
+    epochs = choose_epochs(60 * args.minutes - seconds, epoch_s, start_s, eval_s, len(args.runs) * len(args.seeds))
+    print(f"--minutes {args.minutes:g}: {rate:.0f} img/s, {epoch_s:.0f} s per epoch: {epochs} epochs per run")
+    if epochs < 1:
+        raise SystemExit(f"error: --minutes {args.minutes:g} leaves no time for one epoch per run (~{epoch_s:.0f} s "
+                         f"each, + {start_s + eval_s:.0f} s of start-up and evaluation); raise it or pass fewer --runs")
+    return epochs
 
 
 def run(command, log):
@@ -108,6 +141,7 @@ def main(argv=None):
                 else f"CPU x{os.cpu_count()} {platform.machine()}")
     rows = []
     with open(os.path.join(args.out, "commands.log"), "w") as log:
+        args.epochs = fit_epochs(args, log) if args.minutes else args.epochs
         for seed in args.seeds:
             for name in args.runs:
                 out, steps = commands(args, name, seed)
@@ -125,7 +159,8 @@ def main(argv=None):
                              "linear": linear, "train_minutes": round(seconds / 60, 1), "hardware": hardware,
                              "commands": steps})
                 table = write_table(rows, args.out)
-    print(table)
+    print(f"{table}\n{len(rows)} runs of {args.epochs} epochs, 200-NN top-1: "
+          + ", ".join(f"{r['name']} {r['knn_top1']['200']:.2f} %" for r in rows) + f"; {args.out}/table.md")
 
 
 if __name__ == "__main__":
