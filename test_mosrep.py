@@ -2827,22 +2827,22 @@ def cifar_subset(root, per_class):
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
-    """400 train (40 per class) and 100 test (10 per class) real CIFAR-10 JPEGs."""
-    return cifar_subset(str(tmp_path_factory.mktemp("cifar")), {"train": 40, "test": 10})
+    """200 train (20 per class) and 100 test (10 per class) real CIFAR-10 JPEGs."""
+    return cifar_subset(str(tmp_path_factory.mktemp("cifar")), {"train": 20, "test": 10})
 
 
 def test_end_to_end_moco_on_real_cifar10(cifar, tmp_path):
     """MoCo demo on real CIFAR-10: loss falls below chance; eval_knn on backbone.pth repeats the final k-NN."""
     out = str(tmp_path / "run")
-    assert train.main(["--demo", "--data", os.path.join(cifar, "train"), "--batch-size", "32", "--epochs", "3",
-                       "--workers", "0", "--log-every", "1", "--out", out, "--knn-samples", "400"]) == 0
+    assert train.main(["--demo", "--data", os.path.join(cifar, "train"), "--batch-size", "16", "--epochs", "2",
+                       "--workers", "0", "--log-every", "1", "--out", out, "--knn-samples", "200"]) == 0
     steps, (final,) = read_log(out)
     loss = [r["loss"] for r in steps]
-    assert len(loss) == 36
+    assert len(loss) == 24
     # Step 1 is special (the key encoder is still an exact copy of the query encoder, so its loss is low); the
     # loss then rises as the encoders part, and falls as they learn. Compare with steps 2-7.
     assert sum(loss[-6:]) / 6 < sum(loss[1:7]) / 6
-    assert sum(loss[-6:]) / 6 < 2 * math.log(32)   # below chance for 32 in-batch keys, global + local
+    assert sum(loss[-6:]) / 6 < 2 * math.log(16)   # below chance for 16 in-batch keys, global + local
     assert set(final["knn_top1"]) == {"trained", "random-init"}
     result = subprocess.run([sys.executable, "eval_knn.py", "--weights", os.path.join(out, "backbone.pth"), "--arch",
                              "resnet18", "--stem", "imagenet", "--data", os.path.join(cifar, "train"), "--val-data",
@@ -2851,14 +2851,14 @@ def test_end_to_end_moco_on_real_cifar10(cifar, tmp_path):
                             timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     knn = json.loads((tmp_path / "knn.json").read_text())
-    assert (knn["num_train"], knn["num_test"], knn["num_classes"]) == (400, 100, 10)
+    assert (knn["num_train"], knn["num_test"], knn["num_classes"]) == (200, 100, 10)
     assert knn["knn"]["20"]["top1"] == pytest.approx(final["knn_top1"]["trained"], abs=1.0)   # 1 image of 100
 
 
 def test_end_to_end_byol_demo_learns_without_collapse(cifar, tmp_path):
     """BYOL demo recipe on real CIFAR-10: the loss falls clearly and target_std stays above 0.2."""
     out = str(tmp_path / "run")
-    assert train.main(["--demo", "--framework", "byol", "--data", os.path.join(cifar, "train"), "--batch-size", "32",
+    assert train.main(["--demo", "--framework", "byol", "--data", os.path.join(cifar, "train"), "--batch-size", "16",
                        "--epochs", "1", "--workers", "0", "--log-every", "1", "--out", out,
                        "--knn-samples", "100"]) == 0
     steps, (final,) = read_log(out)
@@ -3102,24 +3102,20 @@ def test_a_step_that_would_overrun_the_budget_is_skipped_and_reported(tmp_path):
     assert "| 2d | [long](long.log) | skipped |" in (tmp_path / "report.md").read_text()
 
 
-def test_a_step_gets_its_timeout_from_the_budget_left(tmp_path):
-    """A step runs at most the time left: here the budget's ~3 s, then it is stopped."""
-    run = runner(tmp_path, minutes=8 / 60)   # 8 s, 5 of them kept for the report
-    began = time.monotonic()
-    result = run.run(python_step("hangs", "import time; time.sleep(60)"))
-    assert result["status"] == "timed out" and 2 < time.monotonic() - began < 20
-    assert re.fullmatch(r"stopped at its limit of [23] s", result["summary"])
-
-
-def test_a_stopped_step_takes_its_whole_process_group_with_it(tmp_path):
-    """At its timeout a step's process group is killed: a child it started (a loader worker, torchrun's) goes too."""
+def test_a_step_gets_its_timeout_from_the_budget_left_and_takes_its_process_group_with_it(tmp_path):
+    """A step runs at most the time left (here the budget's ~3 s), then its process group is killed: a child it
+    started (a loader worker, torchrun's) goes too."""
     child = "import subprocess, sys, time; print(subprocess.Popen([sys.executable, '-c', 'import time; " \
             "time.sleep(60)']).pid, flush=True); time.sleep(60)"
-    result = runner(tmp_path, minutes=8 / 60).run(python_step("spawns", child))
-    pid = int((tmp_path / "spawns.log").read_text().split()[-1])
+    run = runner(tmp_path, minutes=8 / 60)   # 8 s, 5 of them kept for the report
+    began = time.monotonic()
+    result = run.run(python_step("hangs", child))
+    assert result["status"] == "timed out" and 2 < time.monotonic() - began < 20
+    assert re.fullmatch(r"stopped at its limit of [23] s", result["summary"])
+    pid = int((tmp_path / "hangs.log").read_text().split()[-1])
     time.sleep(0.5)   # the orphan is reaped by init
     status = open(f"/proc/{pid}/status").read() if os.path.exists(f"/proc/{pid}") else "gone"
-    assert result["status"] == "timed out" and ("gone" in status or "zombie" in status), (pid, status)
+    assert "gone" in status or "zombie" in status, (pid, status)
 
 
 # ---- verdicts and choices
