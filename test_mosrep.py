@@ -5,6 +5,7 @@ Every test's docstring is the one spec it pins. Run: python -m pytest -q"""
 import argparse
 import ast
 import errno
+import inspect
 import itertools
 import json
 import math
@@ -13,6 +14,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -35,6 +37,7 @@ from torchvision.transforms.v2 import functional as TF
 import augment
 import bench
 import check_gpu
+import cifar_table
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detection"))
 import convert_detectron2  # noqa: E402
 import data
@@ -3235,22 +3238,22 @@ def cifar_subset(root, per_class):
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
-    """400 train (40 per class) and 100 test (10 per class) real CIFAR-10 JPEGs."""
-    return cifar_subset(str(tmp_path_factory.mktemp("cifar")), {"train": 40, "test": 10})
+    """200 train (20 per class) and 100 test (10 per class) real CIFAR-10 JPEGs."""
+    return cifar_subset(str(tmp_path_factory.mktemp("cifar")), {"train": 20, "test": 10})
 
 
 def test_end_to_end_moco_on_real_cifar10(cifar, tmp_path):
     """MoCo demo on real CIFAR-10: loss falls below chance; eval_knn on backbone.pth repeats the final k-NN."""
     out = str(tmp_path / "run")
-    assert train.main(["--demo", "--data", os.path.join(cifar, "train"), "--batch-size", "32", "--epochs", "3",
-                       "--workers", "0", "--log-every", "1", "--out", out, "--knn-samples", "400"]) == 0
+    assert train.main(["--demo", "--data", os.path.join(cifar, "train"), "--batch-size", "16", "--epochs", "2",
+                       "--workers", "0", "--log-every", "1", "--out", out, "--knn-samples", "200"]) == 0
     steps, (final,) = read_log(out)
     loss = [r["loss"] for r in steps]
-    assert len(loss) == 36
+    assert len(loss) == 24
     # Step 1 is special (the key encoder is still an exact copy of the query encoder, so its loss is low); the
     # loss then rises as the encoders part, and falls as they learn. Compare with steps 2-7.
     assert sum(loss[-6:]) / 6 < sum(loss[1:7]) / 6
-    assert sum(loss[-6:]) / 6 < 2 * math.log(32)   # below chance for 32 in-batch keys, global + local
+    assert sum(loss[-6:]) / 6 < 2 * math.log(16)   # below chance for 16 in-batch keys, global + local
     assert set(final["knn_top1"]) == {"trained", "random-init"}
     result = subprocess.run([sys.executable, "eval_knn.py", "--weights", os.path.join(out, "backbone.pth"), "--arch",
                              "resnet18", "--stem", "imagenet", "--data", os.path.join(cifar, "train"), "--val-data",
@@ -3259,14 +3262,14 @@ def test_end_to_end_moco_on_real_cifar10(cifar, tmp_path):
                             timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     knn = json.loads((tmp_path / "knn.json").read_text())
-    assert (knn["num_train"], knn["num_test"], knn["num_classes"]) == (400, 100, 10)
+    assert (knn["num_train"], knn["num_test"], knn["num_classes"]) == (200, 100, 10)
     assert knn["knn"]["20"]["top1"] == pytest.approx(final["knn_top1"]["trained"], abs=1.0)   # 1 image of 100
 
 
 def test_end_to_end_byol_demo_learns_without_collapse(cifar, tmp_path):
     """BYOL demo recipe on real CIFAR-10: the loss falls clearly and target_std stays above 0.2."""
     out = str(tmp_path / "run")
-    assert train.main(["--demo", "--framework", "byol", "--data", os.path.join(cifar, "train"), "--batch-size", "32",
+    assert train.main(["--demo", "--framework", "byol", "--data", os.path.join(cifar, "train"), "--batch-size", "16",
                        "--epochs", "1", "--workers", "0", "--log-every", "1", "--out", out,
                        "--knn-samples", "100"]) == 0
     steps, (final,) = read_log(out)
@@ -3284,9 +3287,8 @@ def test_end_to_end_byol_demo_learns_without_collapse(cifar, tmp_path):
 # ==================================================================================================
 
 def all_steps(args):
-    """Every step of the plan, stage 4 with E = 1, as the dry run lists them."""
-    return [s for group in check_gpu.static_plan(args) for s in group] + [check_gpu.calibration_step(args)] + [
-        s for f in ("moco", "byol") for v in check_gpu.VIEWS for s in check_gpu.cifar_steps(args, f, v, 1)]
+    """Every step of the plan, stage 4 given the whole budget, as the dry run lists them."""
+    return check_gpu.plan(args) + [check_gpu.cifar_step(args, f, args.minutes) for f in ("moco", "byol")]
 
 
 def dry_run(tmp_path, capsys, monkeypatch):
@@ -3298,8 +3300,102 @@ def dry_run(tmp_path, capsys, monkeypatch):
 
 def plan_args(out):
     """The arguments main() gives the plan on this machine (no GPU: one torchrun process)."""
-    return argparse.Namespace(out=str(out), data=os.path.join("data", "cifar10-jpg"), archive=None, nproc=1,
-                              workers=check_gpu.build_parser().parse_args([]).workers, minutes=8.0)
+    return argparse.Namespace(out=str(out), data=os.path.join("data", "cifar10-jpg"), nproc=1, minutes=8.0)
+
+
+# ---- the CUDA checks that check_gpu.py runs (MOSREP_TEST_DEVICE=cuda): roi_align, host syncs, nccl
+
+def test_roi_align_on_the_device_equals_the_cpu(device):
+    """roi_align as Encoder.embed_local calls it, forward and backward, on the device with a channels_last input (as
+    training gives it) equals the CPU's on contiguous maps: the same maps, mosaic rois and output gradients, at the
+    paper's geometry (C5 7x7, stride 32) and the CIFAR one (4x4, stride 8). Tolerance 1e-5: each output is a mean of
+    4 bilinear samples, so reordering moves it by ~1e-6; a wrong box convention (half a pixel, a bin) by ~0.1."""
+    for channels, side, stride, crop in ((256, 7, 32, 112), (256, 4, 8, 16)):   # the channels change nothing
+        torch.manual_seed(0)
+        rois = make_mosaic(torch.zeros(16, 4, 1, crop, crop), default_jitter(2 * crop)).rois   # [64, 5]
+        maps, grads = torch.randn(16, channels, side, side), torch.randn(64, channels, 7, 7)
+        results = []
+        for where, layout in ((torch.device("cpu"), torch.contiguous_format), (device, torch.channels_last)):
+            x = maps.to(where).contiguous(memory_format=layout).detach().requires_grad_()   # a leaf of its own
+            out = roi_align(x, rois.to(where), output_size=7, spatial_scale=1 / stride, sampling_ratio=2, aligned=True)
+            out.backward(grads.to(where))
+            results.append((out.detach().cpu(), x.grad.cpu()))
+        for on_cpu, on_device in zip(*results):
+            torch.testing.assert_close(on_device, on_cpu, atol=1e-5, rtol=1e-5)
+
+
+def test_no_host_sync_but_the_documented_one(device, tmp_path, monkeypatch):
+    """train.py's loop, 3 steps per framework (MoCo; BYOL with LARS; mosaic views, bf16), with train.train_step and
+    the EMA update under torch.cuda.set_sync_debug_mode: the first step in "warn" mode (a warm-up), the later ones in
+    "error" mode, where a host sync raises. Excluded: the documented sync, train_step's status all-reduce and its
+    .tolist() (every rank stops at the same step), which follow scaler.update(): its wrapper turns the mode off."""
+    if device.type != "cuda":
+        pytest.skip("host syncs are a CUDA matter (torch.cuda.set_sync_debug_mode)")
+    real_step, modes = train.train_step, []
+
+    def step_in_debug_mode(*call, **kwargs):
+        given = inspect.signature(real_step).bind(*call, **kwargs).arguments
+        if given["step"] == 0:   # wrap once per run: the loop passes the same scaler and model at every step
+            scaler, model = given["scaler"], given["model"]
+            real_update, real_ema = scaler.update, model.update_target
+
+            def update_then_off(*a, **k):
+                real_update(*a, **k)
+                torch.cuda.set_sync_debug_mode(0)   # what follows is the documented status readback
+
+            def ema_in_debug_mode(ema):
+                torch.cuda.set_sync_debug_mode(modes[-1])
+                try:
+                    real_ema(ema)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            scaler.update, model.update_target = update_then_off, ema_in_debug_mode
+        modes.append("warn" if given["step"] == 0 else "error")
+        torch.cuda.set_sync_debug_mode(modes[-1])
+        try:
+            return real_step(*call, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    monkeypatch.setattr(train, "train_step", step_in_debug_mode)
+    for framework in ("moco", "byol"):
+        modes.clear()
+        train.main([*check_gpu.tiny(framework, "mosaic", "bf16"), "--max-steps", "3", "--out",
+                    str(tmp_path / framework)])
+        assert modes == ["warn", "error", "error"], (framework, modes)
+
+
+def _nccl_worker(rank, world, port):
+    """One process of test_nccl_...: join the group as train.py does, check all_reduce, gather_all and SyncBatchNorm
+    on this rank's share of one batch against BatchNorm on all of it (forward and input gradient)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    with models.distributed() as device:
+        total = torch.full((4,), rank + 1.0, device=device)
+        torch.distributed.all_reduce(total)
+        assert (total == world * (world + 1) / 2).all(), total
+        gathered = models.gather_all(torch.full((2, 3), float(rank), device=device))   # [2 * world, 3], rank order
+        assert gathered[:, 0].tolist() == [float(r // 2) for r in range(2 * world)], gathered
+        torch.manual_seed(0)   # the same batch on every rank; each normalises its share with SyncBatchNorm
+        batch = torch.randn(8 * world, 16, 4, 4, device=device, requires_grad=True)
+        share = slice(8 * rank, 8 * (rank + 1))
+        mine = batch[share].detach().requires_grad_()
+        out = nn.SyncBatchNorm(16).to(device)(mine)
+        ref = F.batch_norm(batch, None, None, training=True)[share]
+        weights = torch.randn_like(out)
+        ((out * weights).sum() + (ref * weights).sum()).backward()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.grad, batch.grad[share], atol=1e-5, rtol=1e-5)
+
+
+def test_nccl_all_reduce_gather_all_and_syncbn_on_every_gpu(device):
+    """One process per GPU in an nccl group (models.distributed, as under torchrun): all_reduce, models.gather_all in
+    rank order, SyncBatchNorm = BatchNorm of the whole batch. CUDA only: SyncBatchNorm needs it."""
+    if device.type != "cuda":
+        pytest.skip("nccl and SyncBatchNorm need CUDA")
+    with socket.socket() as s:   # a free port for the group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_nccl_worker, args=(torch.cuda.device_count(), port), nprocs=torch.cuda.device_count())
 
 
 # ---- the dry run, the no-GPU stop, the device switch
@@ -3311,7 +3407,7 @@ def test_dry_run_lists_every_stage_and_command_and_all_parse(tmp_path, capsys, m
     for number, title in check_gpu.STAGES.items():
         assert f"\n{number}. {title}\n" in out
     steps = all_steps(plan_args(tmp_path))
-    assert len(steps) == 30
+    assert len(steps) == 16
     for step in steps:
         assert f"$ {check_gpu.shown(step)}\n      ok: " in out, step.name
     assert out.count("      ok: ") == len(steps) and "FAILS" not in out
@@ -3324,25 +3420,29 @@ def test_dry_run_catches_a_broken_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(check_gpu, "TINY", check_gpu.TINY + ["--no-such-flag"])
     code, out, err = dry_run(tmp_path, capsys, monkeypatch)
     assert code == 1
-    assert err.startswith("error: 12 of 30 commands do not parse (") and err.count("\n") == 1, err
+    assert err.startswith("error: 11 of 16 commands do not parse (") and err.count("\n") == 1, err
     assert "FAILS: train.py refuses it: error: unrecognized arguments: --no-such-flag" in out
-    assert "torchrun-byol-1-process" in err and "sync" in err and "cifar-moco-two" not in err
+    assert "torchrun-byol-1-process" in err and "resume-to-20-steps" in err and "cifar-moco" not in err
 
 
 def test_every_command_of_the_plan_is_really_parsed():
     """check_command accepts each command of the plan, and refuses each one given an unknown flag."""
     for step in all_steps(plan_args("runs/check_gpu")):
-        assert check_gpu.check_command(step.argv, step.env)[0], step.name
-        ok, message = check_gpu.check_command(step.argv + ["--no-such-flag"], step.env)
+        env = tuple(step.env.items())
+        assert check_gpu.check_command(tuple(step.argv), env)[0], step.name
+        ok, message = check_gpu.check_command((*step.argv, "--no-such-flag"), env)
         assert not ok and "--no-such-flag" in message, (step.name, message)
 
 
 def test_bench_is_parsed_as_on_a_cuda_machine_and_a_bad_value_is_caught():
-    """bench.py's --device cuda parses on a CPU-only machine (as on a GPU one); a bad --amp value does not."""
-    bench = [PY, *check_gpu.BENCH]
-    assert check_gpu.check_command(bench) == (True, "bench.parse_args accepts it")
-    ok, message = check_gpu.check_command(bench + ["--amp", "fp8"])
+    """bench.py's --device cuda parses on a CPU-only machine (as on a GPU one); a bad --amp value does not; the
+    commands cifar_table.py runs in its turn (train.py's, eval_knn.py's) are parsed too."""
+    bench = (PY, *check_gpu.BENCH)
+    assert check_gpu.check_command(bench) == (True, "parsed by bench.py")
+    ok, message = check_gpu.check_command(bench + ("--amp", "fp8"))
     assert not ok and "invalid choice: 'fp8'" in message
+    cifar = tuple(check_gpu.cifar_step(plan_args("runs/check_gpu"), "byol", 8.0).argv)
+    assert check_gpu.check_command(cifar) == (True, "parsed by cifar_table.py, train.py, eval_knn.py")
 
 
 def test_without_cuda_the_check_stops_with_one_line(tmp_path, monkeypatch):
@@ -3366,7 +3466,7 @@ def test_test_device_switch_defaults_to_cpu_and_selects_the_same_tests():
                             env={**env, "OMP_NUM_THREADS": "1"}).stdout
     ids = [line for line in listed.splitlines() if line.startswith("test_mosrep.py::")]
     assert ids and all(re.search(r"\[(.+-)?on_cpu(-.+)?\]$", line) for line in ids), listed[-500:]
-    ok, message = check_gpu.check_command([PY, *check_gpu.PYTEST], {"MOSREP_TEST_DEVICE": "cuda"})
+    ok, message = check_gpu.check_command((PY, *check_gpu.PYTEST), (("MOSREP_TEST_DEVICE", "cuda"),))
     assert ok and message.startswith(f"collects {len(ids)} tests")
 
 
@@ -3376,15 +3476,15 @@ def runner(tmp_path, minutes=1.0):
     return Runner(argparse.Namespace(out=str(tmp_path), minutes=minutes), time.monotonic())
 
 
-def python_step(name, code, need_s=0, cap_s=60, verdict=None):
-    return Step("2d", name, [PY, "-c", code], need_s, cap_s, verdict)
+def python_step(name, code, need_s=0, verdict=None):
+    return Step("2d", name, need_s, [PY, "-c", code], verdict)
 
 
 def test_a_failing_step_is_reported_with_its_log_and_the_next_still_runs(tmp_path):
     """A step that exits non-zero is FAILED with its error line and log tail in the report; the next step runs."""
     run = runner(tmp_path)
-    run.run([python_step("breaks", "import sys; print('working'); sys.exit('error: boom, fix the flag')")])
-    run.run([python_step("works", "print('fine')", verdict=lambda log: "it said " + open(log).read().split()[-1])])
+    run.run(python_step("breaks", "import sys; print('working'); sys.exit('error: boom, fix the flag')"))
+    run.run(python_step("works", "print('fine')", verdict=lambda log: "it said " + open(log).read().split()[-1]))
     assert [(r["name"], r["status"]) for r in run.results] == [("breaks", "FAILED"), ("works", "passed")]
     assert run.results[0]["summary"] == "exit code 1: error: boom, fix the flag"
     assert run.results[1]["summary"] == "it said fine"
@@ -3399,35 +3499,34 @@ def test_a_verdict_that_finds_a_fault_fails_the_step(tmp_path):
     def verdict(log):
         raise CheckFailed("the run ended at step 3, not 20")
     run = runner(tmp_path)
-    [result] = run.run([python_step("short", "pass", verdict=verdict)])
+    result = run.run(python_step("short", "pass", verdict=verdict))
     assert result["status"] == "FAILED" and result["summary"] == "CheckFailed: the run ended at step 3, not 20"
 
 
 def test_a_step_that_would_overrun_the_budget_is_skipped_and_reported(tmp_path):
     """A step needing more than the time left is not started: 'skipped', with the time it needs and the time left."""
     run = runner(tmp_path, minutes=0.5)   # 30 s, 5 of them kept for the report
-    [result] = run.run([python_step("long", "open('ran', 'w')", need_s=60)])
+    result = run.run(python_step("long", "open('ran', 'w')", need_s=60))
     assert result["status"] == "skipped" and re.fullmatch(r"would overrun the budget: needs ~60 s, 2\d s left",
                                                           result["summary"])
     assert not os.path.exists(os.path.join(HERE, "ran")) and not (tmp_path / "long.log").exists()
     assert "| 2d | [long](long.log) | skipped |" in (tmp_path / "report.md").read_text()
 
 
-def test_a_step_gets_its_timeout_from_the_budget_left(tmp_path):
-    """A step runs at most min(its cap, the time left): here the budget's ~3 s, then it is stopped."""
+def test_a_step_gets_its_timeout_from_the_budget_left_and_takes_its_process_group_with_it(tmp_path):
+    """A step runs at most the time left (here the budget's ~3 s), then its process group is killed: a child it
+    started (a loader worker, torchrun's) goes too."""
+    child = "import subprocess, sys, time; print(subprocess.Popen([sys.executable, '-c', 'import time; " \
+            "time.sleep(60)']).pid, flush=True); time.sleep(60)"
     run = runner(tmp_path, minutes=8 / 60)   # 8 s, 5 of them kept for the report
     began = time.monotonic()
-    [result] = run.run([python_step("hangs", "import time; time.sleep(60)", cap_s=600)])
+    result = run.run(python_step("hangs", child))
     assert result["status"] == "timed out" and 2 < time.monotonic() - began < 20
     assert re.fullmatch(r"stopped at its limit of [23] s", result["summary"])
-
-
-def test_steps_of_one_group_run_at_the_same_time(tmp_path):
-    """Steps handed to run() together run concurrently: three 2-second steps take well under 6 seconds."""
-    run = runner(tmp_path)
-    began = time.monotonic()
-    results = run.run([python_step(f"s{i}", "import time; time.sleep(2)") for i in range(3)])
-    assert [r["status"] for r in results] == ["passed"] * 3 and time.monotonic() - began < 5
+    pid = int((tmp_path / "hangs.log").read_text().split()[-1])
+    time.sleep(0.5)   # the orphan is reaped by init
+    status = open(f"/proc/{pid}/status").read() if os.path.exists(f"/proc/{pid}") else "gone"
+    assert "gone" in status or "zombie" in status, (pid, status)
 
 
 # ---- verdicts and choices
@@ -3481,28 +3580,39 @@ RATIO framework=moco multicrop/two=1.73 mosaic/two=1.82 ideal=1.75
 """
 
 
-def test_bench_answer_from_the_data_lines_and_from_a_loader_line():
-    """Cores per GPU = ceil(img/s of a mosaic step + its device augmentation / one worker's img/s): the data line
-    per framework, or the LOADER line when bench prints one; one more core stays with the training process."""
-    summary, text = check_gpu.bench_answer(BENCH_OUTPUT, cores=16, gpus=1)
-    assert summary == "loader feeds the GPU: yes (needs 7 cores per GPU)"   # 1280 x 100 / 128 = 1000 img/s / 160
-    assert "byol + mosaic takes 640 img/s per GPU (step 160.0 ms + device augmentation 40.0 ms); one loader " \
-           "worker makes 150 img/s" in text
-    assert "**5 worker core(s) per GPU**" in text and "**7 worker core(s) per GPU**" in text
-    assert "RATIO framework=moco multicrop/two=1.73 mosaic/two=1.82 ideal=1.75\n```" in text
-    summary, text = check_gpu.bench_answer(BENCH_OUTPUT, cores=32, gpus=8)   # 4 cores per GPU, one for training
-    assert summary.startswith("loader feeds the GPU: no") and "has 32 cores for 8 GPU(s)" in text
-    with_loader = BENCH_OUTPUT + "LOADER full_recipe=120.0 loader=640.0 speedup=5.33\n"
-    summary, text = check_gpu.bench_answer(with_loader, cores=16, gpus=1)
-    assert summary == "loader feeds the GPU: yes (needs 2 cores per GPU)"   # 1000 / 640
-    assert "the full CPU recipe: 120.0 img/s" in text
+def test_bench_answer_from_the_loader_line():
+    """Cores per GPU = ceil(img/s of a mosaic step with its device augmentation / one worker's img/s of the LOADER
+    line); the loader feeds the GPU when one more core per GPU, for the training process, is left."""
+    text = BENCH_OUTPUT + "LOADER full_recipe=120.0 loader=640.0 speedup=5.33\n"
+    summary, markdown = check_gpu.bench_answer(text, cores=16, gpus=1)
+    assert summary == "loader feeds the GPU: yes (needs 2 cores per GPU)"   # moco: 1280 x 100 / 128 = 1000 / 640
+    assert "byol + mosaic takes 640 img/s per GPU (step 160.0 ms + device augmentation 40.0 ms): **1 worker core(s)" \
+           in markdown and "moco + mosaic takes 1000 img/s" in markdown and "**2 worker core(s) per GPU**" in markdown
+    assert "RATIO framework=moco multicrop/two=1.73 mosaic/two=1.82 ideal=1.75\nLOADER" in markdown
+    assert "One loader worker makes 640 img/s (the full CPU recipe: 120.0 img/s)" in markdown
+    summary, markdown = check_gpu.bench_answer(text, cores=16, gpus=8)   # 2 cores per GPU, one for training
+    assert summary.startswith("loader feeds the GPU: no") and "16 cores for 8 GPU(s)" in markdown
+    with pytest.raises(CheckFailed, match="no LOADER line"):
+        check_gpu.bench_answer(BENCH_OUTPUT, cores=16, gpus=1)
 
 
-def test_choose_epochs_fits_three_runs_and_their_knn():
-    """E = floor((0.9 x left - 3 (start-up + k-NN)) / (3 x epoch)); 0 when one epoch each does not fit."""
-    assert check_gpu.choose_epochs(1000, epoch_s=50, run_s=20, knn_s=10) == 5   # (900 - 90) / 150 = 5.4
-    assert check_gpu.choose_epochs(1000, epoch_s=50, run_s=20, knn_s=10, runs=1) == 17   # (900 - 30) / 50
-    assert check_gpu.choose_epochs(200, epoch_s=50, run_s=20, knn_s=10) == 0
+def test_cifar_table_choose_epochs_fits_the_runs_and_their_evaluations():
+    """E = floor((0.9 x left - runs (start-up + evaluation)) / (runs x epoch)); 0 when one epoch each does not fit."""
+    assert cifar_table.choose_epochs(1000, epoch_s=50, run_s=20, eval_s=10) == 5   # (900 - 90) / 150 = 5.4
+    assert cifar_table.choose_epochs(1000, epoch_s=50, run_s=20, eval_s=10, runs=1) == 17   # (900 - 30) / 50
+    assert cifar_table.choose_epochs(200, epoch_s=50, run_s=20, eval_s=10) == 0
+
+
+def test_cifar_table_commands_select_runs_and_keep_byols_warmup_share():
+    """--runs picks the runs; BYOL warms up for 10 of 200 epochs, the same share at --epochs 20; --probe-epochs 0
+    leaves the linear probe out."""
+    args = cifar_table.parse_args(["--data", "d", "--epochs", "20", "--runs", "byol-mosaic-jitter0", "--probe-epochs",
+                                   "0", "--out", "o"])
+    out, (train_cmd, knn_cmd, *rest) = cifar_table.commands(args, *args.runs, 3)
+    assert out == os.path.join("o", "byol-mosaic-jitter0-seed3") and rest == []
+    assert train_cmd[train_cmd.index("--warmup-epochs") + 1] == "1" and train_cmd[-2:] == ["--jitter", "0"]
+    assert knn_cmd[1] == "eval_knn.py" and knn_cmd[knn_cmd.index("--weights") + 1] == os.path.join(out, "backbone.pth")
+    assert len(cifar_table.commands(cifar_table.parse_args(["--data", "d"]), "moco-two", 0)[1]) == 3
 
 
 # ==================================================================================================
