@@ -260,7 +260,7 @@ def build_learner(args, device, world: int):
         log("note: --compile does not apply to SyncBatchNorm under DDP (an open torch failure); running eager")
     elif args.compile:   # compile the forward methods: the state_dict keys stay those of the modules
         for part in (part for encoder in (learner.online, learner.target) for part in (encoder.trunk, encoder.head)):
-            part.forward = torch.compile(part.forward)
+            part.forward = torch.compile(part.forward, dynamic=False)   # a few fixed shapes: static graphs
     # No buffer broadcast each step: the 32 MB queue is the same on every rank, and BN running statistics do not
     # affect training (rank 0's are exported; knn_report broadcasts them first).
     return learner, DistributedDataParallel(learner, device_ids=[device.index] if cuda else None,
