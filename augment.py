@@ -163,7 +163,7 @@ def apply_augment(images: torch.Tensor, params: dict) -> torch.Tensor:
     x = torch.where(_per_sample(params["grey"]), grayscale(x), x)
     if size >= 64:   # the op costs time even where no image is picked
         x = torch.where(_per_sample(params["blur"]), gaussian_blur(x, params["sigma"], 2 * (size // 20) + 1), x)
-    x = torch.where(_per_sample(params["solarize"]) & (x >= 128 / 255), 1 - x, x)   # solarize where drawn
+    x = torch.where(_per_sample(params["solarize"]), solarize(x), x)
     # Constants made once per device: a mean/std tensor built at every step would be a host-to-device copy.
     return (x - _constant(tuple(((m,),) for m in MEAN), x.device)) / _constant(tuple(((s,),) for s in STD), x.device)
 
