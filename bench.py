@@ -212,7 +212,8 @@ def bench_framework(framework, args, device, sup_step=None):
     fourth mode so that it sees the same drift."""
     runs = {mode: learner_step(framework, mode, "off", args, device)[0] for mode in MODES}
     for mix in MIXES[framework]:
-        runs.update({f"{mode}+{mix}": learner_step(framework, mode, mix, args, device)[0] for mode in ("two", "mosaic")})
+        runs.update({f"{mode}+{mix}": learner_step(framework, mode, mix, args, device)[0]
+                     for mode in ("two", "mosaic")})
     if args.compile:
         runs["mosaic+compile"] = learner_step(framework, "mosaic", "off", args, device, compile=True)[0]
     if sup_step is not None:
