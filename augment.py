@@ -16,6 +16,7 @@ The contract:
   gaussian_blur (its kernel, reflect padding) and solarize. Colour jitter draws torchvision ColorJitter's
   factor ranges and applies the four ops in a random order per sample, as ColorJitter does per image.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -41,15 +42,20 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:   # [N] -> [N, 1, 1, 1], 
     return values.reshape(-1, 1, 1, 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, made once per device: torch.tensor at every step would be a host-to-device copy."""
+    return torch.tensor(values, device=device)
+
+
 def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] -> luma [N, 1, H, W] with torchvision's (ITU-R 601) weights."""
-    r, g, b = images.unbind(dim=1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    """[N, 3, H, W] -> luma [N, 1, H, W] with torchvision's (ITU-R 601) weights, as one 1x1 convolution."""
+    return F.conv2d(images, _constant(((((0.2989,),), ((0.587,),), ((0.114,),)),), images.device).to(images.dtype))
 
 
 def blend(images: torch.Tensor, factors: torch.Tensor, reference) -> torch.Tensor:
-    """clamp(f * image + (1 - f) * reference, 0, 1) per sample: factors [N]; reference broadcasts to images.
-    Brightness, contrast and saturation are this blend with another reference each."""
+    """clamp(f * image + (1 - f) * reference, 0, 1) per sample: factors [N] or [N, 1, 1, 1]; reference broadcasts to
+    images. Brightness, contrast and saturation are this blend with another reference each."""
     reference = torch.as_tensor(reference, dtype=images.dtype, device=images.device)
     return torch.lerp(reference, images, _per_sample(factors)).clamp_(0, 1)
 
@@ -68,32 +74,31 @@ def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tens
 
 def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Rotate each image's hue by shifts [N] (in turns, within [-0.5, 0.5]): to HSV, shift, back to RGB."""
-    r, g, b = images.unbind(dim=1)
-    value, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)   # [N, H, W]
+    r, g, b = images.split(1, dim=1)                                                  # [N, 1, H, W] each
+    value, low = images.amax(dim=1, keepdim=True), images.amin(dim=1, keepdim=True)
     chroma = value - low
     # Hue in sextants, [-1, 5): which channel is the largest picks the sextant pair (torchvision's precedence).
     red_max, green_max = value == r, value == g
     difference = torch.where(red_max, g - b, torch.where(green_max, b - r, r - g))
     sextant = torch.where(red_max, 0.0, torch.where(green_max, 2.0, 4.0))
-    hue = sextant + difference / torch.where(chroma > 0, chroma, 1.0)             # grey pixels: any hue
-    hue6 = torch.remainder(hue + 6 * shifts.reshape(-1, 1, 1), 6).unsqueeze(1)     # [N, 1, H, W] in [0, 6)
+    hue = sextant + difference / torch.where(chroma > 0, chroma, 1.0)                # grey pixels: any hue
     # HSV -> RGB in closed form: channel n (5, 3, 1 for R, G, B) is value - chroma * clamp(min(k, 4 - k), 0, 1)
-    # with k = (n + hue6) mod 6 (chroma = value * saturation).
-    k = torch.remainder(torch.cat([hue6 + 5, hue6 + 3, hue6 + 1], dim=1), 6)        # [N, 3, H, W]
-    return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
+    # with k = (n + hue + 6 shift) mod 6 (chroma = value * saturation).
+    k = torch.remainder(hue.add(shifts.reshape(-1, 1, 1, 1), alpha=6) + _constant((((5.0,),), ((3.0,),), ((1.0,),)),
+                                                                                 images.device), 6)   # [N, 3, H, W]
+    return value - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Blur each image with its own sigma (sigmas [N]): torchvision's kernel (a normalised Gaussian sampled at
-    integer offsets) and reflect padding, as two 1-D passes, one conv group per image channel."""
-    N, C, H, W = images.shape
-    offsets = torch.arange(kernel_size, device=images.device, dtype=images.dtype) - (kernel_size - 1) / 2
-    kernels = torch.exp(-0.5 * (offsets[None, :] / sigmas[:, None]) ** 2)          # [N, k]
-    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(C, 0)  # [N*C, k]
-    x = F.pad(images.reshape(1, N * C, H, W), (kernel_size // 2,) * 4, mode="reflect")
-    x = F.conv2d(x, kernels[:, None, None, :], groups=N * C)                       # along the width
-    x = F.conv2d(x, kernels[:, None, :, None], groups=N * C)                       # along the height
-    return x.reshape(N, C, H, W)
+    integer offsets) and reflect padding, as two 1-D passes, one conv group per image (channels as the batch)."""
+    N, k = images.shape[0], kernel_size
+    squares = _constant(tuple((i - (k - 1) / 2) ** 2 for i in range(k)), images.device).to(images.dtype)   # [k]
+    kernels = torch.exp(squares * (-0.5 * sigmas.reshape(N, 1) ** -2))              # [N, k]
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).reshape(N, 1, 1, k)
+    x = F.pad(images.transpose(0, 1), (k // 2,) * 4, mode="reflect")               # [C, N, H + k - 1, W + k - 1]
+    x = F.conv2d(x, kernels, groups=N)                                              # along the width
+    return F.conv2d(x, kernels.transpose(2, 3), groups=N).transpose(0, 1)          # along the height
 
 
 def solarize(images: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
@@ -105,57 +110,66 @@ def draw_colour_jitter(n: int, strengths, p: float = 0.8, device=None):
     """torchvision ColorJitter's random parameters for n images: factors [n, 4] (brightness, contrast, saturation
     uniform in [1 - s, 1 + s], hue shift in [-s, s]), order [n, 4] (a random permutation of the four ops per
     image, op indices BRIGHTNESS..HUE) and applied [n] (bool, probability p)."""
-    u = 2 * torch.rand(n, 4, device=device) - 1                                     # [n, 4] in [-1, 1)
-    factors = torch.stack([1 + s * u[:, op] for op, s in enumerate(strengths)], dim=1)   # no host-to-device copy
-    factors[:, HUE] -= 1
-    order = torch.rand(n, 4, device=device).argsort(dim=1)                          # [n, 4]
-    return factors, order, torch.rand(n, device=device) < p
+    low = _constant(tuple(1.0 - s if op != HUE else -s for op, s in enumerate(strengths)), device)   # [4]
+    u = torch.rand(n, 9, device=device)
+    factors = torch.addcmul(low, u[:, :4], _constant(tuple(2 * s for s in strengths), device))   # low + U[0, 1) 2s
+    return factors, u[:, 4:8].argsort(dim=1), u[:, 8] < p
 
 
 def apply_colour_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, applied: torch.Tensor):
     """Each image through the four ops in its own order, as draw_colour_jitter's parameters say; images [N, 3, H, W].
-    A random order of four ops is a random order of the three blends with hue inserted at a random slot, so the
-    batch runs the blends before its hue, hue once, then the blends after it (one hue pass instead of four)."""
-    hue_slot = (order == HUE).long().argmax(dim=1)                                   # [N] blends before hue
-    blend_order = order.gather(1, (order == HUE).long().argsort(dim=1, stable=True)[:, :3])   # [N, 3]
-    for after_hue in (False, True):
-        if after_hue:
-            hued = adjust_hue(images, torch.where(applied, factors[:, HUE], 0.0))
-            images = torch.where(_per_sample(applied), hued, images)
-        for slot in range(3):
-            op = blend_order[:, slot]                                                # [N]
-            active = applied & ((slot >= hue_slot) if after_hue else (slot < hue_slot))
-            grey = grayscale(images)
-            reference = torch.where(_per_sample(op == SATURATION), grey, torch.where(
-                _per_sample(op == CONTRAST), grey.mean(dim=(1, 2, 3), keepdim=True), 0.0))
-            images = blend(images, torch.where(active, factors.gather(1, op[:, None]).squeeze(1), 1.0), reference)
+    The batch runs three blend passes (an image's ops at positions 0-2 that come before its hue), one hue pass, then
+    three more (its ops at positions 1-3 after its hue): one hue pass instead of four. Where an image has nothing to
+    do in a pass, its factor is 1, the identity. A blend's reference is saturation * grey + contrast * mean(grey):
+    brightness 0, contrast mean(grey), saturation grey."""
+    hue_slot = (order == HUE).long().argmax(dim=1, keepdim=True)                     # [N, 1]
+    device = images.device
+    position, side = _constant((0, 1, 2, 1, 2, 3), device), _constant((1, 1, 1, -1, -1, -1), device)
+    ops = order.index_select(1, position)                                            # [N, 6]
+    active = ((position - hue_slot) * side < 0) & applied[:, None]                   # before / after the hue
+    # Per pass and image: (factor, saturation weight, contrast weight), [6 * 3] x [N, 1, 1, 1].
+    weights = _constant(((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0)), device).to(images.dtype)[ops]   # [N, 6, 2]
+    passes = torch.cat([torch.where(active, factors.gather(1, ops), 1.0)[..., None], weights], dim=2)
+    passes = passes.permute(1, 2, 0).reshape(18, -1, 1, 1, 1).unbind(0)
+    for slot in range(6):
+        if slot == 3:
+            images = torch.where(_per_sample(applied), adjust_hue(images, factors[:, HUE]), images)
+        factor, saturation, contrast = passes[3 * slot:3 * slot + 3]
+        grey = grayscale(images)
+        reference = torch.addcmul(contrast * grey.mean(dim=(1, 2, 3), keepdim=True), saturation, grey)
+        images = torch.lerp(reference, images, factor).clamp_(0, 1)
     return images
 
 
-def draw_augment(n: int, framework: str, view: str, size: int, device=None) -> dict:
-    """The random parameters of n images of one view (size px) under RECIPES[framework][view]: the colour jitter's
-    (p 0.8), and which images get grayscale (p 0.2), blur (the view's p, never under 64 px; sigma ~ U[0.1, 2])
-    and solarize (the view's p): bool [n] each, sigma [n]."""
-    recipe, rand = RECIPES[framework][view], lambda: torch.rand(n, device=device)
-    jitter = draw_colour_jitter(n, COLOUR_JITTER[framework], 0.8, device)
+def draw_augment(n: int, framework: str, views, size: int, device=None) -> dict:
+    """The random parameters of n images under RECIPES[framework][view], size px: one view name, or a tuple of them
+    for a batch of equal consecutive parts, one per view (x1 and x2 in one call). The colour jitter's (p 0.8), and
+    which images get grayscale (p 0.2), blur (the view's p, never under 64 px; sigma ~ U[0.1, 2]) and solarize (the
+    view's p): bool [n] each, sigma [n]."""
+    views = (views,) if isinstance(views, str) else tuple(views)
     # At 32 px a 3x3 kernel erases the little detail there is: small views get no blur.
-    return dict(jitter=jitter, grey=rand() < 0.2, blur=rand() < (recipe.blur if size >= 64 else 0.0),
-                sigma=0.1 + 1.9 * rand(), solarize=rand() < recipe.solarize)
+    rates = _constant(tuple((0.2, RECIPES[framework][view].blur * (size >= 64), RECIPES[framework][view].solarize)
+                            for view in views), device)                            # [views, 3]
+    u = torch.rand(n, 4, device=device)
+    grey, blur, solarize = (u[:, :3].reshape(len(views), -1, 3) < rates[:, None]).reshape(n, 3).unbind(1)
+    jitter = draw_colour_jitter(n, COLOUR_JITTER[framework], 0.8, device)
+    return dict(jitter=jitter, grey=grey, blur=blur, sigma=0.1 + 1.9 * u[:, 3], solarize=solarize)
 
 
 def apply_augment(images: torch.Tensor, params: dict) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> float32 [N, 3, H, W]: colour jitter, grayscale, blur (kernel ~10 % of the side),
     solarize, as params (draw_augment) say per image, then normalisation with MEAN and STD."""
-    x, size = apply_colour_jitter(images.float() / 255, *params["jitter"]), images.shape[-1]
-    x = torch.where(_per_sample(params["grey"]), grayscale(x).expand_as(x), x)
+    x, size = apply_colour_jitter(images / 255, *params["jitter"]), images.shape[-1]
+    x = torch.where(_per_sample(params["grey"]), grayscale(x), x)
     if size >= 64:   # the op costs time even where no image is picked
         x = torch.where(_per_sample(params["blur"]), gaussian_blur(x, params["sigma"], 2 * (size // 20) + 1), x)
     x = torch.where(_per_sample(params["solarize"]), solarize(x), x)
-    # Per channel with Python scalars: a mean/std tensor would be a host-to-device copy at every step.
-    return torch.stack([(channel - m) / s for channel, m, s in zip(x.unbind(1), MEAN, STD)], dim=1)
+    # Constants made once per device: a mean/std tensor built at every step would be a host-to-device copy.
+    return (x - _constant(tuple(((m,),) for m in MEAN), x.device)) / _constant(tuple(((s,),) for s in STD), x.device)
 
 
-def augment(images: torch.Tensor, framework: str, view: str) -> torch.Tensor:
-    """The photometric recipe of one view for a batch: uint8 [N, 3, H, W] -> normalised float32 [N, 3, H, W], with
-    per-image random parameters drawn on the images' device."""
-    return apply_augment(images, draw_augment(images.shape[0], framework, view, images.shape[-1], images.device))
+def augment(images: torch.Tensor, framework: str, views) -> torch.Tensor:
+    """The photometric recipe for a batch: uint8 [N, 3, H, W] -> normalised float32 [N, 3, H, W], with per-image
+    random parameters drawn on the images' device. views: one view name, or a tuple of them for a batch of equal
+    consecutive parts, one per view (x1 and x2 in one call: torch.cat([x1, x2]), ("x1", "x2"))."""
+    return apply_augment(images, draw_augment(images.shape[0], framework, views, images.shape[-1], images.device))

@@ -1,19 +1,25 @@
-"""Time MosRep's training step for two views, multi-crop and mosaic, against the ideal cost ratios.
+"""Time train.py's own training step for two views, multi-crop and mosaic, against the ideal cost ratios, and
+count its aten ops.
 
-For each framework the three view modes run round-robin on synthetic device-resident inputs (one
-step of each mode per round, the order rotating), so drift hits all modes alike. A step is what
-train.py does: mosaic built on the device, forward under autocast, backward, SGD momentum 0.9
-(for BYOL too, instead of LARS), EMA update. Forward-equivalents per image, U (a backward = 2
-forwards): BYOL two views 8, multi-crop / mosaic 11; MoCo 4 and 7. efficiency = img/s divided
-by what U predicts from the supervised step (U = 3, timed in the same rounds): sup. img/s x 3 / U.
-The image mixtures of train.py --mix run beside them as two+flatten, mosaic+cutmix...: flatten adds no pass,
-cutmix (MoCo) adds an online pass over x1m and a target pass over x2m (U + 4). After the table: the device
-augmentation's time per batch, and the loader's JPEGs per worker-second at the paper's geometry: the LOADER line,
-for train.py's loader (torchvision.io decode, crop and flip on the uint8 tensor) beside the PIL loader it replaced
-(PIL decode, crop and flip) and the full CPU recipe (the loader before augment.py).
+A step is what train.py's loop runs: train.train_step on a uint8 batch (the device augmentation of x1 and x2 in one
+call and of the crops, the mosaic built on the device, the forward under autocast, backward, the framework's
+optimizer from train.build_optimizer: LARS for BYOL, SGD for MoCo) and learner.update_target. For each framework
+the view modes run round-robin on synthetic device-resident uint8 inputs (one step of each mode per round, the order
+rotating), so drift hits all modes alike. Forward-equivalents per image, U (a backward = 2 forwards): BYOL two
+views 8, multi-crop / mosaic 11; MoCo 4 and 7. efficiency = img/s divided by what U predicts from the supervised
+step (U = 3, timed in the same rounds): sup. img/s x 3 / U. The image mixtures of train.py --mix run beside them as
+two+flatten, mosaic+cutmix...: flatten adds no pass, cutmix (MoCo) adds an online pass over x1m and a target pass
+over x2m (U + 4). --compile adds mosaic+compile (train.py --compile). Then, per framework x view mode, the aten ops
+of one step after the warm-up (a TorchDispatchMode counter; the host's work per step, one launch each on a GPU),
+split into optimizer, augment, ema and the rest: the OPS lines (--ops-only: just those). After the table: the
+loader's JPEGs per worker-second at the paper's geometry: the LOADER line, for train.py's loader (torchvision.io
+decode, crop and flip on the uint8 tensor) beside the PIL loader it replaced (PIL decode, crop and flip) and the full
+CPU recipe (the loader before augment.py). --transfer times eval_transfer.py's sweep instead (the TRANSFER line).
 On a CPU shared with other jobs, OMP_NUM_THREADS=1 gives steadier, often faster, timings.
 """
 import argparse
+import collections
+import contextlib
 import ctypes
 import math
 import os
@@ -22,18 +28,21 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import v2
 
 import augment
 import data
 import eval_transfer
 import models
+import train
 from mosaic import default_jitter, make_mosaic
 
 MODES = ("two", "multicrop", "mosaic")
@@ -45,7 +54,7 @@ MIXES = {"byol": ("flatten",), "moco": ("flatten", "cutmix")}
 MIX_UNITS = {"flatten": 0, "cutmix": 4}
 DEFAULTS = {"cpu": dict(arch="resnet18", stem="cifar", image_size=32, crop_size=16, batch_size=32, steps=5,
                         warmup=2, amp="off"),
-            "cuda": dict(arch="resnet50", stem="imagenet", image_size=224, crop_size=112, batch_size=64,
+            "cuda": dict(arch="resnet50", stem="imagenet", image_size=224, crop_size=112, batch_size=32,
                          steps=20, warmup=5, amp="bf16")}
 
 
@@ -61,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--crop-size", type=int, help="small crop side (px); the mosaic is sqrt(M) times it")
     p.add_argument("--crops", type=int, default=4, help="M small crops per image, a perfect square")
     p.add_argument("--jitter", type=float, help="max mosaic shift (px); default 48 px per 224 px of mosaic")
-    p.add_argument("--batch-size", type=int, help="images per step (per GPU)")
+    p.add_argument("--batch-size", type=int, help="images per step (per GPU; the card's 256 on 8 GPUs is 32)")
     p.add_argument("--steps", type=int, help="timed rounds; the median is reported")
     p.add_argument("--warmup", type=int, help="untimed rounds before them")
     p.add_argument("--framework", choices=("moco", "byol", "both"), default="both")
@@ -74,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--loader-only", action="store_true", help="only the LOADER comparison (about a minute)")
     p.add_argument("--transfer", type=int, nargs=3, metavar=("N", "D", "K"), help="only time eval_transfer.py's "
                    "45-lambda sweep + refit on N x D synthetic features of K classes (the goal: 50000 2048 10)")
+    p.add_argument("--ops-only", action="store_true", help="only the OPS counts (one warm-up step and one counted)")
+    p.add_argument("--compile", action="store_true", help="also time mosaic+compile (train.py --compile)")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -127,47 +138,88 @@ def peak_memory(device, fn):
     return None if peak is None or baseline is None else peak - baseline
 
 
-def make_step(model, device, amp, loss_fn):
-    """A closure for one optimisation step: forward under autocast, backward, SGD, EMA if any."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                                weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+def learner_step(framework, views, mix, args, device, compile=False):
+    """train.py's step as its loop runs it, on a uint8 batch already on the device: (a closure of one step and
+    update_target, the learner, the optimizer)."""
+    flags = ["--framework", framework, "--views", views, "--mix", mix, "--arch", args.arch, "--stem", args.stem,
+             "--image-size", args.image_size, "--crop-size", args.crop_size, "--crops", args.crops, "--jitter",
+             args.jitter, "--batch-size", args.batch_size, "--amp", args.amp, "--queue-size",
+             65536 if args.image_size >= 64 else 4096] + ["--compile"] * compile
+    targs = train.parse_args([str(flag) for flag in flags])
+    learner, model = train.build_learner(targs, device, 1)
+    optimizer = train.build_optimizer(learner, targs, targs.lr * args.batch_size / 256)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    autocast = torch.autocast(device.type, torch.float16 if args.amp == "fp16" else torch.bfloat16,
+                              enabled=args.amp != "off")
+    B, M, S, s = args.batch_size, args.crops * (views != "two"), args.image_size, args.crop_size
+    uint8 = lambda *shape: torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    batch, steps = ((uint8(B, 3, S, S), uint8(B, 3, S, S), uint8(B, M, 3, s, s)), None), [0]
 
-    def step(*inputs):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(*inputs)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if hasattr(model, "update_target"):
-            model.update_target(0.99)
-    return step
+    def step():
+        train.train_step(batch, model, optimizer, scaler, autocast, targs, device, steps[0], [])
+        learner.update_target(targs.ema)
+        steps[0] += 1
+    return step, learner, optimizer
 
 
-def bench_framework(framework, args, device, x1, x2, crops, sup_step=None):
-    """Median step time per mode, peak memory per mode, median make_mosaic time. The supervised
-    step, if given, joins the round-robin as a fourth mode so that it sees the same drift."""
-    def learner_step(mix):
-        if framework == "moco":
-            learner = models.MoCo(args.arch, args.stem, queue_size=65536 if args.image_size >= 64 else 4096, mix=mix)
-        else:
-            learner = models.BYOL(args.arch, args.stem, mix=mix)
-        learner = learner.to(device, memory_format=torch.channels_last if device.type == "cuda"
-                             else torch.preserve_format)
-        return make_step(learner, device, args.amp, lambda a, b, local: learner(a, b, local)["loss"])
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active, by the section that `section(name)` set."""
+    def __init__(self):
+        super().__init__()
+        self.counts, self.current = collections.Counter(), "rest"
 
-    def local_views(mode):
-        if mode != "mosaic":
-            return crops if mode == "multicrop" else None
-        return make_mosaic(crops, args.jitter)   # the trunk puts the mosaics in its weights' layout
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[self.current] += 1
+        return func(*args, **(kwargs or {}))
 
-    steps = {mix: learner_step(mix) for mix in ("off",) + MIXES[framework]}
-    runs = {mode: (lambda mode=mode: steps["off"](x1, x2, local_views(mode))) for mode in MODES}
+    def section(self, name, fn):
+        """fn, counting its ops under name."""
+        def counted(*args, **kwargs):
+            outer, self.current = self.current, name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current = outer
+        return counted
+
+
+def count_ops(framework, views, args, device) -> dict:
+    """The aten ops of one train.py step (after one warm-up step): {optimizer, augment, ema, rest, step}."""
+    step, learner, optimizer = learner_step(framework, views, "off", args, device)
+    step()
+    counter = OpCounter()
+    with contextlib.ExitStack() as stack:   # the sections: train.augment, optimizer.step, update_target
+        for owner, name, section in ((train, "augment", "augment"), (optimizer, "step", "optimizer"),
+                                     (learner, "update_target", "ema")):
+            stack.enter_context(mock.patch.object(owner, name, counter.section(section, getattr(owner, name))))
+        with counter:
+            step()
+    return dict(counter.counts, step=sum(counter.counts.values()))
+
+
+def ops_lines(args, device, framework_names):
+    """Print the op counts per framework x view mode; return their OPS lines."""
+    lines = []
+    for framework in framework_names:
+        for views in MODES:
+            n = count_ops(framework, views, args, device)
+            print(f"  ops {framework} {views}: {n['step']} per step = optimizer {n.get('optimizer', 0)} + augment "
+                  f"{n.get('augment', 0)} + ema {n.get('ema', 0)} + the rest (forward, backward, losses, mosaic) "
+                  f"{n.get('rest', 0)}")
+            lines.append(f"OPS framework={framework} views={views} step={n['step']} optimizer={n.get('optimizer', 0)} "
+                         f"augment={n.get('augment', 0)}")
+    return lines
+
+
+def bench_framework(framework, args, device, sup_step=None):
+    """Median step time per mode, peak memory per mode. The supervised step, if given, joins the round-robin as a
+    fourth mode so that it sees the same drift."""
+    runs = {mode: learner_step(framework, mode, "off", args, device)[0] for mode in MODES}
     for mix in MIXES[framework]:
-        runs.update({f"{mode}+{mix}": (lambda mode=mode, mix=mix: steps[mix](x1, x2, local_views(mode)))
+        runs.update({f"{mode}+{mix}": learner_step(framework, mode, mix, args, device)[0]
                      for mode in ("two", "mosaic")})
+    if args.compile:
+        runs["mosaic+compile"] = learner_step(framework, "mosaic", "off", args, device, compile=True)[0]
     if sup_step is not None:
         runs["supervised"] = sup_step
     names, times = list(runs), {mode: [] for mode in runs}
@@ -178,8 +230,7 @@ def bench_framework(framework, args, device, x1, x2, crops, sup_step=None):
                 times[mode].append(t)
     # One more, untimed round for peak memory (its reset would slow a timed step).
     memory = {mode: peak_memory(device, run) for mode, run in runs.items()}
-    build = [timed(device, lambda: make_mosaic(crops, args.jitter)) for _ in range(args.warmup + args.steps)]
-    return {mode: statistics.median(t) for mode, t in times.items()}, memory, statistics.median(build[args.warmup:])
+    return {mode: statistics.median(t) for mode, t in times.items()}, memory
 
 
 def loader_line(args):
@@ -192,24 +243,37 @@ def loader_line(args):
             f"over_pil={loader / pil:.2f}")
 
 
-def time_augment(framework, args, device):
-    """Median seconds of augment.augment over one batch's uint8 views: x1, x2 [B, 3, S, S] and the crops."""
+def time_parts(framework, args, device):
+    """Median seconds of the two augment calls of a step (x1 and x2 together, then the crops) and of make_mosaic."""
     B, M, S, s = args.batch_size, args.crops, args.image_size, args.crop_size
-    u1, u2 = (torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device) for _ in range(2))
+    views = torch.randint(0, 256, (2 * B, 3, S, S), dtype=torch.uint8, device=device)
     crops = torch.randint(0, 256, (B * M, 3, s, s), dtype=torch.uint8, device=device)
-    run = lambda: [augment.augment(u, framework, view) for u, view in ((u1, "x1"), (u2, "x2"), (crops, "crops"))]
-    times = [timed(device, run) for _ in range(args.warmup + args.steps)]
-    return statistics.median(times[args.warmup:])
+    normalised = augment.augment(crops, framework, "crops").unflatten(0, (B, M))
+    parts = (lambda: (augment.augment(views, framework, ("x1", "x2")), augment.augment(crops, framework, "crops")),
+             lambda: make_mosaic(normalised, args.jitter))
+    times = [[timed(device, part) for _ in range(args.warmup + args.steps)][args.warmup:] for part in parts]
+    return tuple(statistics.median(t) for t in times)
 
 
-def supervised_step(args, device, x1):
-    """Plain ResNet (the same Trunk) + linear classifier on one view per image: the ceiling."""
+def supervised_step(args, device):
+    """Plain ResNet (the same Trunk) + linear classifier on one float view per image, SGD: the ceiling."""
     trunk = models.Trunk(args.arch, args.stem)
     model = nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(trunk.out_channels, 1000))
-    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    labels = torch.randint(0, 1000, (x1.shape[0],), device=device)
-    step = make_step(model, device, args.amp, lambda x, y: F.cross_entropy(model(x), y))
-    return lambda: step(x1, labels)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
 
 
 def bench_data(framework, args, num_crops, images):
@@ -329,19 +393,16 @@ def main():
     print(f"# device: {name} | torch {torch.__version__} | python {platform.python_version()}")
     print(f"# command: python {' '.join(sys.argv)}")
     print("# flags: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
-    print(f"# step: synthetic inputs on {device.type}, autocast {args.amp}, SGD momentum 0.9 for both frameworks, "
-          f"EMA 0.99; mem = {'max_memory_allocated' if device.type == 'cuda' else 'peak RSS growth'} (MiB)")
-
+    print(f"# step: train.py's (train_step + update_target) on synthetic uint8 inputs on {device.type}, autocast "
+          f"{args.amp}, LARS for BYOL, SGD for MoCo; mem = "
+          f"{'max_memory_allocated' if device.type == 'cuda' else 'peak RSS growth'} (MiB)")
     if args.transfer:
         return bench_transfer(*args.transfer, device)
-    if args.loader_only:
-        print(loader_line(args))
+    frameworks = ("byol", "moco") if args.framework == "both" else (args.framework,)
+    if args.loader_only or args.ops_only:
+        print(loader_line(args) if args.loader_only else "\n".join(ops_lines(args, device, frameworks)))
         return
-    B, M, S, s = args.batch_size, args.crops, args.image_size, args.crop_size
-    fmt = (lambda t: t.contiguous(memory_format=torch.channels_last)) if device.type == "cuda" else (lambda t: t)
-    x1, x2 = fmt(torch.randn(B, 3, S, S, device=device)), fmt(torch.randn(B, 3, S, S, device=device))
-    # [B, M, 3, s, s] with each crop channels-last on cuda, so that multi-crop's flatten(0, 1) stays so.
-    crops = fmt(torch.randn(B * M, 3, s, s, device=device)).unflatten(0, (B, M))
+    B, M, S = args.batch_size, args.crops, args.image_size
     rng = np.random.default_rng(0)
     if args.data:   # callables, so that the JPEG decode is timed too
         folder = data.build_dataset("imagefolder", args.data, True, None)
@@ -349,29 +410,19 @@ def main():
         images = [lambda i=int(i): folder[i][0] for i in picks]
     else:
         images = [Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)) for _ in range(max(64, 2 * B))]
-
-    sup_step = supervised_step(args, device, x1) if args.supervised else None
+    sup_step = supervised_step(args, device) if args.supervised else None
     header = (f"{'framework':<11}{'views':<16}{'step ms':>9}{'img/s':>9}{'mem MiB':>9}{'x two':>7}{'U':>4}"
               f"{'ideal':>7}{'effic.':>8}")
     print(header + "\n" + "-" * len(header))
     summary = []
-    for framework in (("byol", "moco") if args.framework == "both" else (args.framework,)):
-        step, memory, build = bench_framework(framework, args, device, x1, x2, crops, sup_step)
+    for framework in frameworks:
+        step, memory = bench_framework(framework, args, device, sup_step)
         for mode in (["supervised"] if sup_step else []) + [mode for mode in step if mode != "supervised"]:
-            views, _, mix = mode.partition("+")
-            units = UNITS[framework].get(views, 3) + MIX_UNITS.get(mix, 0)
-            ips = B / step[mode]
-            mem = f"{memory[mode]:9.0f}" if memory[mode] is not None else f"{'n/a':>9}"
-            if mode == "supervised":
-                print(f"{framework:<11}{mode:<16}{step[mode] * 1e3:9.1f}{ips:9.1f}{mem}{'':>7}{units:>4}")
-                continue
-            eff = f"{ips / (B / step['supervised'] * 3 / units):8.2f}" if sup_step else f"{'-':>8}"
-            print(f"{framework:<11}{mode:<16}{step[mode] * 1e3:9.1f}{ips:9.1f}{mem}{step[mode] / step['two']:7.2f}"
-                  f"{units:>4}{units / UNITS[framework]['two']:7.3f}{eff}")
-        print(f"  make_mosaic alone: {build * 1e3:.2f} ms = {100 * build / step['mosaic']:.1f} % of the mosaic step")
-        colour = time_augment(framework, args, device)
-        print(f"  device augmentation (2 views + {M} crops from uint8; not in the steps above): {colour * 1e3:.1f} ms = "
-              f"{100 * colour / (colour + step['mosaic']):.1f} % of a mosaic step with it")
+            print(table_row(framework, mode, step, memory, B, sup_step is not None))
+        colour, build = time_parts(framework, args, device)
+        print(f"  of which the device augmentation (2 views + {M} crops from uint8, 2 calls): {colour * 1e3:.1f} ms = "
+              f"{100 * colour / step['mosaic']:.1f} % of the mosaic step; make_mosaic {build * 1e3:.2f} ms = "
+              f"{100 * build / step['mosaic']:.1f} %")
         rate_two, rate_all = bench_data(framework, args, 0, images), bench_data(framework, args, M, images)
         print(f"  data ({'JPEGs in ' + args.data if args.data else 'synthetic PIL, no decode'}): {rate_all:.0f} img/s "
               f"per worker with 2+{M} views ({rate_two:.0f} with 2 views); x {args.workers} workers = "
@@ -380,9 +431,23 @@ def main():
         ideal = UNITS[framework]["mosaic"] / UNITS[framework]["two"]
         summary.append(f"RATIO framework={framework} multicrop/two={step['multicrop'] / step['two']:.2f} "
                        f"mosaic/two={step['mosaic'] / step['two']:.2f} ideal={ideal:g}")
+    summary += ops_lines(args, device, frameworks)
     summary.append(loader_line(args))
     print(f"# total time {time.perf_counter() - began:.0f} s")
     print("\n".join(summary))
+
+
+def table_row(framework, mode, step, memory, batch, supervised) -> str:
+    """One row of the table: step ms, img/s, memory, the ratio to two views, U, the ideal ratio, the efficiency."""
+    views, _, mix = mode.partition("+")
+    units = UNITS[framework].get(views, 3) + MIX_UNITS.get(mix, 0)
+    ips = batch / step[mode]
+    mem = f"{memory[mode]:9.0f}" if memory[mode] is not None else f"{'n/a':>9}"
+    if mode == "supervised":
+        return f"{framework:<11}{mode:<16}{step[mode] * 1e3:9.1f}{ips:9.1f}{mem}{'':>7}{units:>4}"
+    eff = f"{ips / (batch / step['supervised'] * 3 / units):8.2f}" if supervised else f"{'-':>8}"
+    return (f"{framework:<11}{mode:<16}{step[mode] * 1e3:9.1f}{ips:9.1f}{mem}{step[mode] / step['two']:7.2f}"
+            f"{units:>4}{units / UNITS[framework]['two']:7.3f}{eff}")
 
 
 if __name__ == "__main__":

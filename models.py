@@ -49,7 +49,7 @@ class Trunk(nn.Module):
             layer[0].stride for layer in (self.layer1, self.layer2, self.layer3, self.layer4))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Inputs follow the weights' layout (channels_last on a GPU), else cuDNN converts at every layer.
+        # Inputs follow the weights' layout (train.py makes them channels_last), else every conv converts them.
         if self.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))

@@ -677,6 +677,20 @@ def test_draw_augment_probabilities_hit_their_rates(framework, view):
     assert not augment.draw_augment(n, framework, view, 63)["blur"].any()
 
 
+@pytest.mark.parametrize("framework", ["moco", "byol"])
+def test_draw_augment_of_two_views_gives_each_half_its_own_recipe(framework):
+    """x1 and x2 in one call (views ("x1", "x2")): the first half of the batch draws blur and solarize at x1's rates,
+    the second half at x2's (BYOL's asymmetric 1.0 / 0.1 and 0 / 0.2), within 4 standard deviations."""
+    torch.manual_seed(0)
+    n = 4000
+    params = augment.draw_augment(2 * n, framework, ("x1", "x2"), 64)
+    for half, view in enumerate(("x1", "x2")):
+        recipe = augment.RECIPES[framework][view]
+        for name, p in (("grey", 0.2), ("blur", recipe.blur), ("solarize", recipe.solarize)):
+            rate = params[name][half * n:(half + 1) * n].float().mean().item()
+            assert abs(rate - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-9, (view, name)
+
+
 def test_apply_augment_follows_its_parameters_and_normalises():
     """apply_augment: an image drawn for grayscale comes out grey; an image with nothing drawn comes out as the
     uint8 image / 255, normalised with MEAN and STD; a solarized one is inverted above 128; a blurred one equals
@@ -1958,6 +1972,59 @@ def test_lars_zero_weight_falls_back_to_plain_update():
     torch.testing.assert_close(w.detach(), -0.1 * torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
 
 
+def _reference_lars_step(params, state, lr, wd, momentum=0.9, trust=0.001):
+    """LARS by its definition, one tensor at a time (what train.LARS computes with foreach ops): params is a list
+    of (tensor, lars) with .grad set; state maps a tensor's id to its momentum buffer."""
+    with torch.no_grad():
+        for p, lars in params:
+            update = p.grad
+            if lars:
+                update = update + wd * p
+                w_norm, u_norm = p.norm(), update.norm()
+                update = update * (trust * w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0)
+            buffer = state.setdefault(id(p), torch.zeros_like(p))
+            buffer.mul_(momentum).add_(update)
+            p.sub_(lr * buffer)
+
+
+def test_foreach_lars_equals_the_per_tensor_definition():
+    """train.LARS (torch._foreach_* per group) equals the per-tensor definition over 20 steps, within 1e-6: weight
+    decay on the LARS group, the excluded group (plain SGD, no weight decay), a tensor of norm 0 at the first step
+    (unscaled update), a tensor without gradient (left alone)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [((4, 3), True), ((2, 2, 3, 3), True), ((3, 3), True), ((5,), False), ((2,), False)]
+    mine = [torch.randn(shape, generator=g).requires_grad_() for shape, _ in shapes]
+    with torch.no_grad():
+        mine[2].zero_()                                                            # |w| = 0 at the first step
+    reference = [p.detach().clone().requires_grad_() for p in mine]
+    idle = torch.randn(3, 3, requires_grad=True)
+    optimizer = train.LARS([{"params": [p for p, (_, lars) in zip(mine, shapes) if lars] + [idle]},
+                            {"params": [p for p, (_, lars) in zip(mine, shapes) if not lars], "lars": False,
+                             "weight_decay": 0.0}], lr=0.7, weight_decay=0.05, trust=0.02)
+    state, before_idle = {}, idle.detach().clone()
+    for step in range(20):
+        for p, q in zip(mine, reference):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        _reference_lars_step([(q, lars) for q, (_, lars) in zip(reference, shapes)], state, 0.7, 0.05, trust=0.02)
+        for p, q in zip(mine, reference):
+            torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(idle.detach(), before_idle) and idle not in optimizer.state
+
+
+@pytest.mark.parametrize("framework", ["byol", "moco"])
+def test_one_train_step_dispatches_few_optimizer_and_augment_ops(framework):
+    """bench.count_ops counts the aten ops of one train.py mosaic step (resnet18, views and crops of 64 px, all
+    blurred as at 224 / 112 px): the optimizer (LARS / SGD, foreach) at most 40, the augmentation of all views at
+    most 300, the EMA 1, whatever the number of tensors."""
+    args = argparse.Namespace(arch="resnet18", stem="imagenet", image_size=64, crop_size=64, crops=4, jitter=0,
+                              batch_size=4, amp="off")
+    counts = bench.count_ops(framework, "mosaic", args, torch.device("cpu"))
+    assert counts["optimizer"] <= 40 and counts["augment"] <= 300 and counts["ema"] == 1, counts
+    assert counts["step"] == sum(counts[k] for k in ("optimizer", "augment", "ema", "rest"))
+
+
 def test_build_optimizer_groups():
     """build_optimizer: LARS puts ndim <= 1 params in a lars=False group with wd 0; SGD: all online params."""
     learner = _learner("byol")
@@ -2791,6 +2858,22 @@ def test_resume_with_a_mixture_repeats_the_uninterrupted_run(tmp_path, framework
     for a, b in zip(expected, got):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["loss_mix"] == pytest.approx(b["loss_mix"], rel=1e-4, abs=1e-5)
+
+
+def test_compile_repeats_the_eager_losses(tmp_path):
+    """--compile (torch.compile of the encoders' trunks and heads) gives the eager run's losses at steps 1-3 (BYOL,
+    two views: the fewest graphs to compile; the smallest geometry), within 1e-4."""
+    flags = MIX_TINY + ["--framework", "byol", "--views", "two", "--max-steps", "3"]
+    eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    try:
+        train.main(flags + ["--out", eager])
+        train.main(flags + ["--out", compiled, "--compile"])
+    finally:
+        torch._dynamo.reset()   # the compiled code of this test's learners
+    expected, got = _read_steps(eager), _read_steps(compiled)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(expected, got):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4) and a["loss"] != 0
 
 
 def test_exported_backbone_loads_into_torchvision(tmp_path):

@@ -42,7 +42,7 @@ DEMO_RECIPES = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch 
                 "byol": dict(optimizer="lars", lr=5.0, warmup_epochs=0, max_steps=180)}
 # What a resumed run may change: none alters the steps it repeats (a longer --epochs stretches the schedule).
 ADJUSTABLE_ON_RESUME = ("epochs max_steps workers amp data val_data out log_every knn_every knn_final knn_samples demo "
-                        "resume dist_timeout")
+                        "resume dist_timeout compile")
 # What each numeric flag must be, checked before any work starts.
 RULES = [("lr temperature jitter_alpha image_size crop_size crops batch_size epochs log_every knn_samples "
           "fake_size dist_timeout", lambda v: v > 0, "positive"),
@@ -78,6 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dist-timeout", type=float, default=5.0, help="minutes a process waits for a peer, then stops")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders (docs/performance.md)")
     p.add_argument("--log-every", type=int, default=50, help="steps")
     p.add_argument("--knn-every", type=int, default=0, help="k-NN monitor every N epochs (0 = off)")
     p.add_argument("--knn-final", action="store_true", help="at the end, k-NN of the backbone and of a random init")
@@ -141,29 +142,37 @@ def check_args(args, world: int):
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step is rescaled per tensor by trust * |w| / |g + wd * w| (You et al., 2017; BYOL's
-    optimizer). Groups with lars=False (BN parameters, biases) get plain SGD without weight decay."""
+    optimizer); a tensor with |w| = 0 or |g + wd * w| = 0 keeps the unscaled step. Groups with lars=False (BN
+    parameters, biases) get plain SGD without weight decay. Each group steps in a few torch._foreach_* ops: no Python
+    loop over tensors, no host sync."""
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust, lars=True))
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in (p for p in group["params"] if p.grad is not None):
-                update = p.grad
-                if group["lars"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    update = update * torch.where((w_norm > 0) & (u_norm > 0), group["trust"] * w_norm / u_norm, 1.0)
-                if "momentum" not in self.state[p]:
-                    self.state[p]["momentum"] = torch.zeros_like(p)
-                p.add_(self.state[p]["momentum"].mul_(group["momentum"]).add_(update), alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = [p.grad for p in params]
+            if group["lars"]:
+                updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
+                w_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(updates))
+                ratio = torch.where((w_norm > 0) & (u_norm > 0), group["trust"] * w_norm / u_norm, 1.0)   # [tensors]
+                torch._foreach_mul_(updates, ratio.unbind())
+            for p in (p for p in params if "momentum" not in self.state[p]):   # at the first step only
+                self.state[p]["momentum"] = torch.zeros_like(p)
+            momenta = [self.state[p]["momentum"] for p in params]
+            torch._foreach_mul_(momenta, group["momentum"])
+            torch._foreach_add_(momenta, updates)
+            torch._foreach_add_(params, momenta, alpha=-group["lr"])
 
 
 def build_optimizer(learner, args, lr: float):
     """SGD (momentum 0.9, wd on every parameter) or LARS (BN weights and biases excluded) over the online side."""
     params = [p for p in learner.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd, foreach=True)
     return LARS([{"params": [p for p in params if p.ndim > 1]},
                  {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}], lr, args.wd)
 
@@ -252,7 +261,12 @@ def build_learner(args, device, world: int):
     cuda = device.type == "cuda"
     if args.framework == "byol" and world > 1 and cuda:   # no negatives: BN statistics of the global batch matter
         learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)   # (MoCo has shuffle-BN instead)
-    learner = learner.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    learner = learner.to(device, memory_format=torch.channels_last)   # faster convolutions on CPUs too
+    if args.compile and any(isinstance(module, torch.nn.SyncBatchNorm) for module in learner.modules()):
+        log("note: --compile does not apply to SyncBatchNorm under DDP (an open torch failure); running eager")
+    elif args.compile:   # compile the forward methods: the state_dict keys stay those of the modules
+        for part in (part for encoder in (learner.online, learner.target) for part in (encoder.trunk, encoder.head)):
+            part.forward = torch.compile(part.forward, dynamic=False)   # a few fixed shapes: static graphs
     # No buffer broadcast each step: the 32 MB queue is the same on every rank, and BN running statistics do not
     # affect training (rank 0's are exported; knn_report broadcasts them first). torch 2.13 renamed the argument
     # (its forward_sync_buffers=False still broadcasts once at the start: the same values, all ranks seeded alike).
@@ -271,7 +285,7 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
     torch.manual_seed(args.seed * 1_000_003 + step * 1009 + models.rank())
     x1, x2, crops = (t.to(device, non_blocking=True) for t in (x1, x2, crops))   # uint8; crops [B, M, 3, s, s]
     # The loader only cropped and flipped: colour, blur, solarize and normalisation run here, batched (augment.py).
-    x1, x2 = augment(x1, args.framework, "x1"), augment(x2, args.framework, "x2")
+    x1, x2 = augment(torch.cat([x1, x2]), args.framework, ("x1", "x2")).chunk(2)   # one call for both views
     if crops.shape[1]:
         crops = augment(crops.flatten(0, 1), args.framework, "crops").unflatten(0, crops.shape[:2])
     local = {"two": None, "multicrop": crops}.get(args.views)
