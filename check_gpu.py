@@ -173,23 +173,18 @@ def env_verdict(log_path):
 
 def bench_answer(text, cores, gpus):
     """bench.py's output -> (summary, markdown): its table, and whether the loader feeds the GPU. A GPU takes the img/s
-    of a mosaic step plus its batch's device augmentation (timed apart); one loader worker makes the 2 + 4 views of
+    of a mosaic step (train.py's step, the device augmentation included); one loader worker makes the 2 + 4 views of
     the LOADER line's img/s (JPEGs per worker-second of train.py's loader); one core stays with the training."""
-    rows, augment_ms, framework = {}, {}, None
-    for line in text.splitlines():
-        if row := re.match(r"(byol|moco)\s+mosaic\s+([\d.]+)\s+([\d.]+)", line):
-            framework, rows[row[1]] = row[1], (float(row[2]), float(row[3]))   # (step ms, img/s)
-        if (augmenting := re.match(r"\s+device augmentation \(.*?\): ([\d.]+) ms", line)) and framework:
-            augment_ms[framework] = float(augmenting[1])
+    rows = {row[1]: (float(row[2]), float(row[3])) for row in re.finditer(r"^(byol|moco)\s+mosaic\s+([\d.]+)\s+([\d.]+)",
+                                                                          text, re.M)}   # (step ms, img/s)
     loader = re.search(r"^LOADER full_recipe=([\d.]+) loader=([\d.]+)", text, re.M)
     if not rows or not loader or float(loader[2]) <= 0:
         raise CheckFailed("no mosaic row or no LOADER line in bench.py's output")
     lines, needs, rate = [f"```\n{text[text.find('# device'):].strip()}\n```", ""], [], float(loader[2])
     for framework, (step_ms, ips) in sorted(rows.items()):
-        demand = ips * step_ms / (step_ms + augment_ms.get(framework, 0.0))
-        needs.append(math.ceil(demand / rate))
-        lines.append(f"- {framework} + mosaic takes {demand:.0f} img/s per GPU (step {step_ms:.1f} ms + device "
-                     f"augmentation {augment_ms.get(framework, 0.0):.1f} ms): **{needs[-1]} worker core(s) per GPU**")
+        needs.append(math.ceil(ips / rate))
+        lines.append(f"- {framework} + mosaic takes {ips:.0f} img/s per GPU (step {step_ms:.1f} ms, device "
+                     f"augmentation included): **{needs[-1]} worker core(s) per GPU**")
     feeds = "yes" if max(needs) <= cores // gpus - 1 else "no"
     return f"loader feeds the GPU: {feeds} (needs {max(needs)} cores per GPU)", "\n".join(lines + [
         f"\nOne loader worker makes {rate:.0f} img/s (the full CPU recipe: {loader[1]} img/s). Does the loader feed "
