@@ -43,10 +43,12 @@ def load_image(path: str) -> torch.Tensor:
     the other formats it knows straight to a tensor, greyscale and CMYK as RGB; anything else (or a 16-bit PNG)
     goes through PIL, whose OSError on an unreadable file SafeImageFolder turns into a warning."""
     try:
-        image = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+        with warnings.catch_warnings():   # torchvision >= 0.29 deprecates its decoders for TorchCodec, on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
         if image.dtype == torch.uint8:
             return image
-    except RuntimeError:   # a format torchvision does not read, or a broken file: PIL has the last word
+    except (RuntimeError, AttributeError):   # a format it does not read, a broken file, or decoders gone: PIL
         pass
     return v2.functional.pil_to_tensor(torchvision.datasets.folder.pil_loader(path))
 

@@ -2568,7 +2568,7 @@ def test_transfer_fit_sweeps_warm_picks_the_best_val_lambda_and_refits_on_train_
     assert result["test"] == eval_transfer.score(standardise(test[0], everything) @ W + b, test[1])
 
 
-class _Recorder:
+class _DatasetRecorder:
     """Stands in for a torchvision dataset class: records its arguments, builds nothing, downloads nothing."""
     calls = []
 
@@ -2592,13 +2592,13 @@ def test_each_dataset_builds_its_torchvision_class_with_the_papers_splits(monkey
     """Every name builds its torchvision class with the split arguments (downloading into --root, cars excepted);
     flowers102 and dtd bring their official val split, the others none (held out of train)."""
     for kind, _ in SPLIT_ARGUMENTS.values():
-        monkeypatch.setattr(torchvision.datasets, kind, type(kind, (_Recorder,), {}))
+        monkeypatch.setattr(torchvision.datasets, kind, type(kind, (_DatasetRecorder,), {}))
     args, transform = argparse.Namespace(root="somewhere"), object()
     for name, (kind, splits) in SPLIT_ARGUMENTS.items():
-        _Recorder.calls.clear()
+        _DatasetRecorder.calls.clear()
         built = eval_transfer.load_splits(name, args, transform)
         assert (built["val"] is None) == (name not in ("flowers102", "dtd"))
-        assert _Recorder.calls == [(kind, "somewhere", {"transform": transform, "download": True, **split})
+        assert _DatasetRecorder.calls == [(kind, "somewhere", {"transform": transform, "download": True, **split})
                                    for split in splits]
 
 
@@ -3328,11 +3328,11 @@ def cifar(tmp_path_factory):
 def test_end_to_end_moco_on_real_cifar10(cifar, tmp_path):
     """MoCo demo on real CIFAR-10: loss falls below chance; eval_knn on backbone.pth repeats the final k-NN."""
     out = str(tmp_path / "run")
-    assert train.main(["--demo", "--data", os.path.join(cifar, "train"), "--batch-size", "16", "--epochs", "2",
+    assert train.main(["--demo", "--data", os.path.join(cifar, "train"), "--batch-size", "16", "--epochs", "3",
                        "--workers", "0", "--log-every", "1", "--out", out, "--knn-samples", "200"]) == 0
     steps, (final,) = read_log(out)
     loss = [r["loss"] for r in steps]
-    assert len(loss) == 24
+    assert len(loss) == 36
     # Step 1 is special (the key encoder is still an exact copy of the query encoder, so its loss is low); the
     # loss then rises as the encoders part, and falls as they learn. Compare with steps 2-7.
     assert sum(loss[-6:]) / 6 < sum(loss[1:7]) / 6
