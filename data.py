@@ -1,5 +1,5 @@
-"""Datasets, the loader's half of the views (decode, crop, flip, uint8) and the loaders, shared by train.py,
-eval_knn.py, eval_linear.py and bench.py."""
+"""Datasets, the loader's half of the views (decode, crop, flip, uint8) and the loaders, shared by train.py and
+the evaluation scripts."""
 import contextlib
 import functools
 import multiprocessing
@@ -78,12 +78,13 @@ class MultiViewTransform:
         return self.view1(image), self.view2(image), crops
 
 
-def eval_transform(image_size: int, augment: bool = False) -> v2.Compose:
-    """Evaluation view: resize (to 8/7 of the size above 64 px) + centre crop; with augment RandomResizedCrop + flip.
+def eval_transform(image_size: int, random_crop: bool = False) -> v2.Compose:
+    """Evaluation view: resize (to 8/7 of the size above 64 px) + centre crop; with random_crop, RandomResizedCrop +
+    flip instead (the linear probe's training view).
     Takes load_image's tensors or PIL images and resizes on PIL: torchvision's tensor resize downscales to within
     1 grey level of PIL's only, and evaluation figures stay those of the PIL loader (docs/loader.md)."""
     resize = image_size if image_size <= 64 else round(image_size * 8 / 7)
-    steps = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()] if augment
+    steps = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()] if random_crop
              else [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
     return v2.Compose([v2.ToPILImage()] + steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                                                    v2.Normalize(MEAN, STD)])
@@ -114,7 +115,7 @@ class ImageNet100(SafeImageFolder):
             classes = sorted(line.strip() for line in file if line.strip() and not line.startswith("#"))
         missing = [name for name in classes if not os.path.isdir(os.path.join(directory, name))]
         if missing:
-            raise SystemExit(f"error: {len(missing)} of the 100 ImageNet-100 classes are missing under {directory}, "
+            raise ValueError(f"{len(missing)} of the 100 ImageNet-100 classes are missing under {directory}, "
                              f"e.g. {missing[0]}; point --data (or --val-data) at ImageNet's train (or val) folder, "
                              f"one folder per synset")
         return classes, {name: index for index, name in enumerate(classes)}
@@ -124,22 +125,22 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
                   unlabeled: bool = False):
     """One split: imagefolder (`root` holds a folder per class), imagenet100 (ImageNet100 of `root`), cifar10 /
     cifar100 / stl10 (torchvision's, downloaded into `root` when missing; unlabeled adds STL-10's 100k) or fake.
-    SystemExit with a one-line fix if unusable."""
+    ValueError with a one-line fix if unusable."""
     if name == "fake":
         size = fake_size if train else max(fake_size // 4, 16)
         return torchvision.datasets.FakeData(size, (3, image_size, image_size), 10, transform,
                                              random_offset=0 if train else 10**6)
     if not root:
-        raise SystemExit(f"error: --data is required for --dataset {name}: point it at the dataset's folder")
+        raise ValueError(f"--data is required for --dataset {name}: point it at the dataset's folder")
     if name in ("imagefolder", "imagenet100"):
         if not os.path.isdir(root):
-            raise SystemExit(f"error: data folder {root} does not exist; pass --data DIR with one folder per class")
+            raise ValueError(f"data folder {root} does not exist; pass --data DIR with one folder per class")
         try:
             folder = (ImageNet100 if name == "imagenet100" else SafeImageFolder)(root, transform)
             folder[0]   # now, not at step 1: a folder of only corrupt files stops before any work
             return folder
         except (FileNotFoundError, RuntimeError) as error:   # no class folders, no images, none readable
-            raise SystemExit(f"error: no images found under {root} ({error}); --data must hold one folder per "
+            raise ValueError(f"no images found under {root} ({error}); --data must hold one folder per "
                              f"class with readable .jpg/.png files inside") from None
     try:
         if name == "stl10":
@@ -148,27 +149,27 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
         kind = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         return kind(root, train=train, transform=transform, download=True)
     except Exception as error:   # no internet, a partial download, a wrong folder
-        raise SystemExit(f"error: could not load {name} from {root} ({type(error).__name__}); without internet, put it "
+        raise ValueError(f"could not load {name} from {root} ({type(error).__name__}); without internet, put it "
                          f"there by hand, or use an ImageFolder copy with --dataset imagefolder (--demo takes "
                          f"{DEMO_FOLDER}/{{train,test}}/<class>/*.jpg by itself)") from None
 
 
 def build_splits(dataset: str, data: str, val_data, train_transform, val_transform, image_size: int, fake_size: int):
     """(train split, val split, num_classes); an ImageFolder's val split is val_data, else val/ or test/ beside data.
-    One-line SystemExit when a split is missing or the splits' classes differ."""
+    ValueError (one line) when a split is missing or the splits' classes differ."""
     val_root = data
     if dataset in ("imagefolder", "imagenet100"):
         beside = [os.path.join(os.path.dirname(os.path.abspath(data or ".")), name) for name in ("val", "test")]
         val_root = val_data or next((path for path in beside if os.path.isdir(path)), None)
         if val_root is None:
-            raise SystemExit(f"error: no --val-data given and no val/ or test/ folder beside {data}")
+            raise ValueError(f"no --val-data given and no val/ or test/ folder beside {data}")
     train_set = build_dataset(dataset, data, True, train_transform, image_size, fake_size)
     val_set = build_dataset(dataset, val_root, False, val_transform, image_size, fake_size)
     classes = getattr(train_set, "classes", None)
     if classes is None:                                     # FakeData
         return train_set, val_set, train_set.num_classes
     if getattr(val_set, "classes", classes) != classes:
-        raise SystemExit(f"error: the val split has {len(val_set.classes)} classes, the train split {len(classes)} "
+        raise ValueError(f"the val split has {len(val_set.classes)} classes, the train split {len(classes)} "
                          f"(or other names): both need the same class folders")
     return train_set, val_set, len(classes)
 

@@ -4,6 +4,7 @@ sum of exp(cos / T) over its k nearest training images of class c (cosine simila
 Wu et al. 2018, as in DINO). One feature extraction, each process a shard, serves every k.
 """
 import argparse
+import contextlib
 import json
 import time
 
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data import add_data_args, build_splits, eval_transform
-from models import ARCHS, STEMS, distributed, gather_all, load_trunk, rank, world_size
+from models import ARCHS, STEMS, load_trunk
+from runtime import distributed, gather_all, rank, world_size
 
 KNN_TEMPERATURE = 0.07
 
@@ -29,13 +31,21 @@ def add_common_args(parser: argparse.ArgumentParser, data_args=add_data_args) ->
     return parser
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """Bad input found by the libraries (their ValueError: a missing split, a wrong --weights) ends the script with
+    one line, `error: ...`, instead of a traceback."""
+    try:
+        yield
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def build_trunk(args, device) -> torch.nn.Module:
     """models.load_trunk in eval mode on device ('random' seeded from args.seed); a bad --weights exits in one line."""
     torch.manual_seed(getattr(args, "seed", 0))
-    try:
+    with one_line_errors():
         trunk = load_trunk(args.weights, args.arch, args.stem)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
     return trunk.to(device, memory_format=torch.channels_last if torch.device(device).type == "cuda"
                     else torch.contiguous_format).eval()
 
@@ -110,7 +120,7 @@ def main():
     args = parser.parse_args()
     if min(args.k) < 1 or args.temperature <= 0:
         parser.error("--k values and --temperature must be positive")
-    with distributed() as device:
+    with distributed() as device, one_line_errors():
         trunk, start, transform = build_trunk(args, device), time.time(), eval_transform(args.image_size)
         train_set, val_set, classes = build_splits(args.dataset, args.data, args.val_data, transform, transform,
                                                    args.image_size, args.fake_size)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 from data import build_splits, eval_transform
-from eval_knn import accuracy, add_common_args, build_trunk, extract_features, shard_loader
-from models import distributed, rank, world_size
+from eval_knn import accuracy, add_common_args, build_trunk, extract_features, one_line_errors, shard_loader
+from runtime import distributed, rank, world_size
 
 
 def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
@@ -175,11 +175,11 @@ def main():
         parser.error("--epochs and --lr must be positive")
     if args.label_list and args.label_fraction != 1:
         parser.error("--label-list and --label-fraction each choose the labelled images: pass one")
-    with distributed() as device:
+    with distributed() as device, one_line_errors():
         trunk, start = build_trunk(args, device), time.time()
         torch.manual_seed(args.seed)   # the heads' initialisation
         train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
-            args.image_size, augment=args.augment), eval_transform(args.image_size), args.image_size, args.fake_size)
+            args.image_size, random_crop=args.augment), eval_transform(args.image_size), args.image_size, args.fake_size)
         if args.label_list or args.label_fraction != 1:
             train_set = label_subset(args, train_set)
         # the trunk is frozen: the val features are the same every epoch, in both modes

@@ -20,7 +20,7 @@ from augment import MEAN, STD
 from data import build_dataset
 from eval_knn import add_common_args, build_trunk, extract_features, shard_loader
 from eval_linear import balanced_subset
-from models import distributed, rank
+from runtime import distributed, rank
 
 TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10", "food101": "Food101",
                "flowers102": "Flowers102", "dtd": "DTD", "pets": "OxfordIIITPet", "cars": "StanfordCars"}
@@ -202,10 +202,10 @@ def main():
         for name in dict.fromkeys(args.datasets):
             try:
                 result = run_dataset(name, args, trunk, transform, device)
-            except SystemExit as error:   # one line, and the other datasets still run
+            except (SystemExit, ValueError) as error:   # one line, and the other datasets still run
                 failed.append(name)
                 if rank() == 0:
-                    print(error, file=sys.stderr, flush=True)
+                    print(error if isinstance(error, SystemExit) else f"error: {error}", file=sys.stderr, flush=True)
                 continue
             if rank() == 0:
                 results[name] = result

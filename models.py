@@ -1,14 +1,12 @@
 """Networks of MosRep: a torchvision ResNet trunk, the RoI head, the MoCo-v2 and BYOL learners, and their
-checkpoints. Imports only torch, torchvision, mixture.py and the Mosaic type. A learner's forward takes the global views
-x1, x2 [B, 3, S, S] and the local views: a Mosaic (MosRep), crops [B, M, 3, s, s] (the multi-crop baseline) or
-None (two views); it returns the scalars {loss, loss_global, loss_local, loss_mix, target_std}. `mix` adds one of the
-image mixtures of mixture.py inside the forward: "flatten" (Un-Mix) mixes the online branch's global views, "cutmix"
-(mix-ssl, MoCo only) adds loss_mix. The same code runs in one process and under DDP: the cross-process steps
-(gathering keys, shuffle-BN) do nothing without a process group.
+checkpoints. Imports only torch, torchvision, mixture.py, losses.py, the Mosaic type and runtime.py's process-group
+helpers. A learner's forward takes the global views x1, x2 [B, 3, S, S] and the local views: a Mosaic (MosRep),
+crops [B, M, 3, s, s] (the multi-crop baseline) or None (two views); it returns the scalars {loss, loss_global,
+loss_local, loss_mix, target_std}. `mix` adds one of the image mixtures of mixture.py inside the forward: "flatten"
+(Un-Mix) mixes the online branch's global views, "cutmix" (mix-ssl, MoCo only) adds loss_mix. The same code runs in
+one process and under DDP: the cross-process steps (gathering keys, shuffle-BN) do nothing without a process group.
 """
-import contextlib
 import copy
-import datetime
 import math
 import os
 
@@ -22,6 +20,7 @@ from torchvision.ops import roi_align
 import mixture
 from losses import byol_loss, info_nce
 from mosaic import Mosaic
+from runtime import gather_all, rank, world_size
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "cifar")
@@ -159,48 +158,6 @@ class Encoder(nn.Module):
         return self.head[-1](torch.cat([feature_map.mean(dim=(2, 3)), inside, outside])).chunk(3)
 
 
-@contextlib.contextmanager
-def distributed(timeout_minutes: float = None):
-    """Yields this process's device, having joined torchrun's process group when it set RANK (nccl on CUDA, gloo
-    on CPU), else staying a world of one: every later code path is the same. Leaves the group at the end.
-    timeout_minutes: how long a collective may wait for a peer before it raises (default: torch's)."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ and not dist.is_initialized():
-        # NCCL's watchdog then ends a process whose collective failed or timed out, instead of leaving it blocked;
-        # a value the user set wins (the variable's name changed in torch 2.2).
-        if cuda and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"} & set(os.environ):
-            os.environ[("TORCH_" if torch.__version__ >= "2.2" else "") + "NCCL_ASYNC_ERROR_HANDLING"] = "1"
-        timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
-        dist.init_process_group("nccl" if cuda else "gloo", **timeout)
-    try:
-        yield device
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-@torch.no_grad()
-def gather_all(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a [n, ...] tensor from every process along dim 0 (no gradient): [n*world, ...]."""
-    if world_size() == 1:
-        return tensor
-    tensor = tensor.contiguous()   # plain layout: collectives copy raw bytes, channels_last would scramble
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
-
-
 class _Learner(nn.Module):
     """What both learners share: an online encoder, its EMA copy (the target), the exported backbone."""
     mixes = ("off", "flatten")
@@ -214,7 +171,7 @@ class _Learner(nn.Module):
         self.online, self.target = online, copy.deepcopy(online).requires_grad_(False)
         self.mix, self.mix_p, self.mix_weight = mix, (mix_global_p, mix_region_p), mix_weight
 
-    def flatten(self, images: torch.Tensor) -> torch.Tensor:
+    def online_view(self, images: torch.Tensor) -> torch.Tensor:
         """The online branch's view [B, 3, S, S]: Un-Mix's flattened images when mix == "flatten", else unchanged."""
         return mixture.flatten(images, *self.mix_p) if self.mix == "flatten" else images
 
@@ -298,7 +255,7 @@ class MoCo(_Learner):
         B, T = x1.shape[0], self.temperature
         queue = self.queue if self.queue.shape[0] else None   # [Q, D]; info_nce reads a normalised copy
         own = rank() * B + torch.arange(B, device=x1.device)                     # my images' rows in `keys`
-        query = self.flatten(x1)
+        query = self.online_view(x1)
         keys = self.keys(x2)                                                      # [B*world, D]
         # L_global = CE([q.K^T, q.queue^T] / T, own index), q = online(x1), K = keys of the global batch
         loss_global = info_nce(self.online(query), keys, own, queue=queue, temperature=T)
@@ -341,7 +298,7 @@ class BYOL(_Learner):
         """x1, x2: the two global views [B, 3, S, S]; local: Mosaic, crops or None. mix="flatten" flattens both online
         views; the targets encode the unmixed x1, x2, and the positives are unchanged."""
         own = torch.arange(x1.shape[0], device=x1.device)
-        p1, p2 = (self.predictor(self.online(self.flatten(x))) for x in (x1, x2))  # [B, D] each
+        p1, p2 = (self.predictor(self.online(self.online_view(x))) for x in (x1, x2))  # [B, D] each
         with torch.no_grad():
             z1, z2 = self.target(x1), self.target(x2)                              # [B, D] each
         # L_global = l(p1, z2) + l(p2, z1) with l(p, z) = 2 - 2 cos(p, sg(z)): a sum over the two views,

@@ -47,6 +47,7 @@ import eval_transfer
 import losses
 import mixture
 import models
+import runtime
 import train
 from check_gpu import PY, CheckFailed, Runner, Step
 from eval_knn import accuracy, build_trunk, evaluate_knn, extract_features, knn_scores
@@ -89,9 +90,10 @@ def _one_intra_op_thread():
 
 
 def assert_one_line_error(error, fragment):
-    """error is a SystemExit raised as train.fail / the scripts do: 'error: ...', one line, naming fragment."""
+    """error is a script's SystemExit ('error: ...', as train.fail raises) or a library's ValueError (the message
+    a script prints after 'error: '): one line, naming fragment."""
     message = str(error.code if isinstance(error, SystemExit) else error)
-    assert message.startswith("error:"), message
+    assert message.startswith("error:") == isinstance(error, SystemExit), message
     assert "\n" not in message, message
     assert fragment in message, message
 
@@ -1748,7 +1750,7 @@ def test_eval_transform_of_load_images_tensor_equals_that_of_the_pil_image(tmp_p
     PIL image of the same pixels did (torchvision's tensor resize differs from PIL's by 1 grey level here and there)."""
     path = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(path)
-    transform = data.eval_transform(96, augment=augmented)
+    transform = data.eval_transform(96, random_crop=augmented)
     torch.manual_seed(0)
     from_tensor = transform(data.load_image(str(path)))
     torch.manual_seed(0)
@@ -1765,18 +1767,18 @@ def _class_folders(root, classes, count=1):
 
 
 def test_build_splits_finds_val_beside_data_and_checks_classes(tmp_path):
-    """build_splits finds val/ or test/ beside --data; other classes or no val split: one-line SystemExit."""
+    """build_splits finds val/ or test/ beside --data; other classes or no val split: one-line ValueError."""
     _class_folders(tmp_path / "train", ["a", "b"], count=2)
     _class_folders(tmp_path / "test", ["a", "b"])
     train_set, val_set, classes = data.build_splits("imagefolder", str(tmp_path / "train"), None, None, None, 32, 8)
     assert (len(train_set), len(val_set), classes) == (4, 2, 2)
     assert os.path.dirname(val_set.samples[0][0]).startswith(str(tmp_path / "test"))
     _class_folders(tmp_path / "other", ["a", "c"])
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(ValueError) as error:
         data.build_splits("imagefolder", str(tmp_path / "train"), str(tmp_path / "other"), None, None, 32, 8)
     assert_one_line_error(error.value, "classes")
     _class_folders(tmp_path / "alone" / "train", ["a"])
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(ValueError) as error:
         data.build_splits("imagefolder", str(tmp_path / "alone" / "train"), None, None, None, 32, 8)
     assert_one_line_error(error.value, "no --val-data given")
     fake_train, fake_val, fake_classes = data.build_splits("fake", None, None, None, None, 8, 40)
@@ -1923,11 +1925,11 @@ def test_imagenet100_val_split_is_val_beside_data(imagenet):
 
 
 def test_imagenet100_missing_classes_fail_in_one_line_naming_the_count_and_an_example(tmp_path):
-    """A tree lacking 3 of the 100 classes: one-line SystemExit naming 3, the root and the first missing synset."""
+    """A tree lacking 3 of the 100 classes: one-line ValueError naming 3, the root and the first missing synset."""
     listed = sorted(_listed_classes())
     missing = [listed[5], listed[50], listed[97]]
     _tree(tmp_path, [c for c in listed if c not in missing], 1)
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(ValueError) as error:
         data.build_dataset("imagenet100", str(tmp_path), True, None)
     assert_one_line_error(error.value, f"3 of the 100 ImageNet-100 classes are missing under {tmp_path}, "
                                        f"e.g. {missing[0]}")
@@ -2091,7 +2093,7 @@ def test_parse_args_demo_recipe_per_framework_and_its_data(tmp_path, monkeypatch
     assert (moco.dataset, moco.data) == ("cifar10", "data")
     byol = train.parse_args(["--demo", "--framework", "byol", "--max-steps", "50"])
     assert (byol.optimizer, byol.warmup_epochs, byol.max_steps) == ("lars", 0, 50)
-    assert byol.lr == train.DEMO_RECIPES["byol"]["lr"] and byol.lr != train.RECIPES["byol"]["lr"]
+    assert byol.lr == train.DEMO_FRAMEWORK_DEFAULTS["byol"]["lr"] and byol.lr != train.FRAMEWORK_DEFAULTS["byol"]["lr"]
     os.makedirs(os.path.join("data", "cifar10-jpg", "train"))
     demo = train.parse_args(["--demo"])
     assert (demo.dataset, demo.data) == ("imagefolder", os.path.join("data", "cifar10-jpg", "train"))
@@ -3279,12 +3281,17 @@ def test_a_second_run_on_a_busy_out_stops_in_one_line_and_changes_nothing(tmp_pa
 
 
 def test_out_on_a_file_system_without_flock_runs_unlocked_with_a_note(tmp_path, monkeypatch, capsys):
-    """Where flock fails (ENOLCK), locked_out prints one note and lets the run go on, writing nothing."""
+    """Where flock fails (ENOLCK), runtime.folder_lock yields the reason and writes nothing; train.main prints one
+    note and goes on (here to its next check, a checkpoint already in --out)."""
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(train.fcntl, "flock", no_locks)
-    with train.locked_out(str(tmp_path)):
-        pass
+    monkeypatch.setattr(runtime.fcntl, "flock", no_locks)
+    with runtime.folder_lock(str(tmp_path)) as unlocked:
+        assert unlocked == "No locks available"
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    with pytest.raises(SystemExit) as error:
+        train.main(TINY + ["--out", str(tmp_path)])
+    assert_one_line_error(error.value, "checkpoint.pth exists")
     assert capsys.readouterr().out == (f"note: cannot lock --out {tmp_path} (No locks available); running unlocked: "
                                        f"start no other run on this folder\n")
     assert (tmp_path / ".lock").read_text() == ""
@@ -3452,11 +3459,11 @@ def _nccl_worker(rank, world, port):
     on this rank's share of one batch against BatchNorm on all of it (forward and input gradient)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    with models.distributed() as device:
+    with runtime.distributed() as device:
         total = torch.full((4,), rank + 1.0, device=device)
         torch.distributed.all_reduce(total)
         assert (total == world * (world + 1) / 2).all(), total
-        gathered = models.gather_all(torch.full((2, 3), float(rank), device=device))   # [2 * world, 3], rank order
+        gathered = runtime.gather_all(torch.full((2, 3), float(rank), device=device))   # [2 * world, 3], rank order
         assert gathered[:, 0].tolist() == [float(r // 2) for r in range(2 * world)], gathered
         torch.manual_seed(0)   # the same batch on every rank; each normalises its share with SyncBatchNorm
         batch = torch.randn(8 * world, 16, 4, 4, device=device, requires_grad=True)

@@ -12,8 +12,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import sys
 import time
 
@@ -23,22 +21,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 import models
+import runtime
 from augment import augment
 from mosaic import default_jitter, make_mosaic
 
-try:
-    import fcntl
-except ImportError:   # Windows has none: runs there go unlocked
-    fcntl = None
-
 # Per-framework defaults, used where argparse gives None (lr per 256 images; BYOL's ema: 0.996 beyond 300 epochs).
-RECIPES = {"moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=0.999, epochs=200, dim=128),
+FRAMEWORK_DEFAULTS = {"moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=0.999, epochs=200, dim=128),
            "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99, epochs=300, dim=256)}
 # The CPU demo on CIFAR-10 (README): 64 px views leave the ImageNet stem a 2x2 C5 map to align RoIs on, at a
 # quarter of the cifar stem's cost; each framework's recipe learns within minutes, as the ImageNet ones can't.
 DEMO = dict(framework="moco", arch="resnet18", stem="imagenet", image_size=64, crop_size=32, batch_size=128,
             epochs=1, workers=2, knn_final=True, log_every=10, out="runs/demo")
-DEMO_RECIPES = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch negatives only
+DEMO_FRAMEWORK_DEFAULTS = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch negatives only
                 "byol": dict(optimizer="lars", lr=5.0, warmup_epochs=0, max_steps=180)}
 # What a resumed run may change: none alters the steps it repeats (a longer --epochs stretches the schedule).
 ADJUSTABLE_ON_RESUME = ("epochs max_steps workers amp data val_data out log_every knn_every knn_final knn_samples demo "
@@ -63,8 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--jitter-alpha", type=float, default=0.5, help="Beta(alpha, alpha) of the shift")
     p.add_argument("--batch-size", type=int, default=256, help="global batch, split across processes")
     for key, kind in (("epochs", int), ("lr", float), ("wd", float), ("warmup_epochs", float), ("ema", float)):
-        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"moco {RECIPES['moco'][key]}, "
-                                                                     f"byol {RECIPES['byol'][key]}")
+        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"moco {FRAMEWORK_DEFAULTS['moco'][key]}, "
+                                                                     f"byol {FRAMEWORK_DEFAULTS['byol'][key]}")
     p.add_argument("--optimizer", choices=["sgd", "lars"], help="moco sgd, byol lars")
     p.add_argument("--temperature", type=float, default=0.2, help="moco")
     p.add_argument("--queue-size", type=int, default=65536, help="moco negatives (0 = in-batch only)")
@@ -83,16 +77,16 @@ def parse_args(argv=None):
     p.add_argument("--knn-every", type=int, default=0, help="k-NN monitor every N epochs (0 = off)")
     p.add_argument("--knn-final", action="store_true", help="at the end, k-NN of the backbone and of a random init")
     p.add_argument("--knn-samples", type=int, default=10000, help="images per split for the k-NN monitor")
-    p.add_argument("--demo", action="store_true", help=f"CPU demo on CIFAR-10: {DEMO} and {DEMO_RECIPES}")
+    p.add_argument("--demo", action="store_true", help=f"CPU demo on CIFAR-10: {DEMO} and {DEMO_FRAMEWORK_DEFAULTS}")
     args = p.parse_args(argv)
     if args.demo:   # flags given explicitly still win over the demo's values
         p.set_defaults(**DEMO)
-        p.set_defaults(**DEMO_RECIPES[p.parse_args(argv).framework])
+        p.set_defaults(**DEMO_FRAMEWORK_DEFAULTS[p.parse_args(argv).framework])
         args = p.parse_args(argv)
         if args.data is None:   # the ImageFolder copy if there, else torchvision's download
             found = os.path.isdir(os.path.join(data.DEMO_FOLDER, "train"))
             args.dataset, args.data = ("imagefolder", f"{data.DEMO_FOLDER}/train") if found else ("cifar10", "data")
-    recipe = dict(RECIPES[args.framework], **({"ema": 0.996} if args.framework == "byol" and (args.epochs or 0) > 300
+    recipe = dict(FRAMEWORK_DEFAULTS[args.framework], **({"ema": 0.996} if args.framework == "byol" and (args.epochs or 0) > 300
                                               else {}))
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
@@ -100,11 +94,6 @@ def parse_args(argv=None):
     if args.jitter is None and args.crops > 0:
         args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     return args
-
-
-def fail(message: str):
-    """Stop with a one-line error (exit code 1): bad input is the user's to fix, not a traceback."""
-    raise SystemExit(f"error: {message}")
 
 
 def check_args(args, world: int):
@@ -140,6 +129,125 @@ def check_args(args, world: int):
         fail(f"cannot make the output folder --out {args.out} ({error.strerror or error}); choose another --out")
 
 
+def fail(message: str):
+    """Stop with a one-line error (exit code 1): bad input is the user's to fix, not a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def main(argv=None) -> int:
+    """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an error
+    included, lets the loader workers end, closes the log, leaves the process group and releases --out."""
+    args = parse_args(argv)
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    try:   # rank 0 holds --out from before the first look at its files until the process ends
+        with runtime.folder_lock(args.out) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext() \
+                as unlocked:
+            if unlocked:
+                print(f"note: cannot lock --out {args.out} ({unlocked}); running unlocked: start no other run on "
+                      f"this folder", flush=True)
+            if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pth")):
+                fail(f"{args.out}/checkpoint.pth exists; pass --resume to continue it, or choose another --out")
+            with runtime.distributed(args.dist_timeout) as device, runtime.stop_requests() as stop_signal:
+                try:
+                    return train(args, device, stop_signal)
+                except RuntimeError as error:
+                    say_lost_peers(error, args)
+                    raise
+    except runtime.RunError as error:
+        fail(str(error))
+
+
+def train(args, device, stop_signal: list) -> int:
+    """Build, then loop (step, log, epoch end), then finish. Returns 0 when done, 1 when stopped by a signal."""
+    world, rank, amp = runtime.world_size(), runtime.rank(), args.amp or ("bf16" if device.type == "cuda" else "off")
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True
+    views = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, args.crops * (args.views != "two"))
+    try:
+        dataset = data.build_dataset(args.dataset, args.data, True, views, args.image_size, args.fake_size,
+                                     unlabeled=True)
+    except ValueError as error:
+        fail(str(error))
+    steps_per_epoch = len(dataset) // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"{len(dataset)} images make no full batch of {args.batch_size}; lower --batch-size")
+    learner, model = build_learner(args, device, world)
+    peak_lr = args.lr * args.batch_size / 256   # the linear scaling rule, applied here and only here
+    optimizer, scaler = build_optimizer(learner, args, peak_lr), torch.amp.GradScaler(enabled=amp == "fp16")
+    step = resume(args, learner, optimizer, scaler, steps_per_epoch) if args.resume else 0
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+    total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps or total_steps)
+    log(f"{args.framework} + {args.views} views | {args.arch} ({args.stem} stem) | {len(dataset)} images | {world} "
+        f"process(es) on {device.type} | batch {args.batch_size} | {steps_per_epoch} steps/epoch | peak lr "
+        f"{peak_lr:.4g} | amp {amp} | out {args.out}")
+    with data.train_loader(dataset, args.batch_size // world, args.workers, args.seed, world, rank) as loader, \
+            (open(f"{args.out}/log.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as log_file:
+        learner.train()
+        meter, stop = {"since": time.time(), "waited": 0.0, "steps": 0}, False
+        while step < last_step and not stop:
+            epoch = step // steps_per_epoch
+            loader.sampler.set_epoch(epoch, skip_batches=step % steps_per_epoch)
+            fetched = time.time()
+            for batch in loader:   # the rest of this epoch
+                meter["waited"] += time.time() - fetched
+                lr, ema = schedules(step, total_steps, round(args.warmup_epochs * steps_per_epoch), peak_lr, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                losses, stop = train_step(batch, model, optimizer, scaler, autocast, args, device, step, stop_signal)
+                learner.update_target(ema)
+                step, meter["steps"] = step + 1, meter["steps"] + 1
+                if log_file and (step % args.log_every == 0 or step == last_step):
+                    log_step(log_file, losses, meter, epoch, step, last_step, lr, ema, args)
+                if stop or step == last_step:
+                    break
+                fetched = time.time()
+            if rank == 0:   # at the epoch end, the last step or a stop signal
+                save(args, learner, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                     steps_per_epoch=steps_per_epoch)
+            if args.knn_every and step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.knn_every == 0:
+                log(f"k-NN top-1 (k=20), epoch {epoch + 1}: {knn_report(learner.backbone, args, device, False)}")
+        if stop:
+            log(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
+            return 1
+        finish(learner, args, device, step, log_file)
+    return 0
+
+
+def build_learner(args, device, world: int):
+    """(learner, model): the learner on device, and what the step calls (its DDP wrapper when world > 1)."""
+    mixing = {key: getattr(args, key) for key in ("mix", "mix_global_p", "mix_region_p", "mix_weight")}
+    if args.framework == "moco":
+        learner = models.MoCo(args.arch, args.stem, args.dim, args.queue_size, args.temperature, **mixing)
+    else:
+        learner = models.BYOL(args.arch, args.stem, args.dim, **mixing)
+    cuda = device.type == "cuda"
+    if args.framework == "byol" and world > 1 and cuda:   # no negatives: BN statistics of the global batch matter
+        learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)   # (MoCo has shuffle-BN instead)
+    learner = learner.to(device, memory_format=torch.channels_last)   # faster convolutions on CPUs too
+    if args.compile and any(isinstance(module, torch.nn.SyncBatchNorm) for module in learner.modules()):
+        log("note: --compile does not apply to SyncBatchNorm under DDP (an open torch failure); running eager")
+    elif args.compile:   # compile the forward methods: the state_dict keys stay those of the modules
+        for part in (part for encoder in (learner.online, learner.target) for part in (encoder.trunk, encoder.head)):
+            part.forward = torch.compile(part.forward, dynamic=False)   # a few fixed shapes: static graphs
+    # No buffer broadcast each step: the 32 MB queue is the same on every rank, and BN running statistics do not
+    # affect training (rank 0's are exported; knn_report broadcasts them first). torch 2.13 renamed the argument
+    # (its forward_sync_buffers=False still broadcasts once at the start: the same values, all ranks seeded alike).
+    accepted = inspect.signature(DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
+    return learner, DistributedDataParallel(learner, device_ids=[device.index] if cuda else None,
+                                            **{no_sync: False}) if world > 1 else learner
+
+
+def build_optimizer(learner, args, lr: float):
+    """SGD (momentum 0.9, wd on every parameter) or LARS (BN weights and biases excluded) over the online side."""
+    params = [p for p in learner.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd, foreach=True)
+    return LARS([{"params": [p for p in params if p.ndim > 1]},
+                 {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}], lr, args.wd)
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step is rescaled per tensor by trust * |w| / |g + wd * w| (You et al., 2017; BYOL's
     optimizer); a tensor with |w| = 0 or |g + wd * w| = 0 keeps the unscaled step. Groups with lars=False (BN
@@ -166,15 +274,6 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_mul_(momenta, group["momentum"])
             torch._foreach_add_(momenta, updates)
             torch._foreach_add_(params, momenta, alpha=-group["lr"])
-
-
-def build_optimizer(learner, args, lr: float):
-    """SGD (momentum 0.9, wd on every parameter) or LARS (BN weights and biases excluded) over the online side."""
-    params = [p for p in learner.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd, foreach=True)
-    return LARS([{"params": [p for p in params if p.ndim > 1]},
-                 {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}], lr, args.wd)
 
 
 def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
@@ -216,7 +315,7 @@ def resume(args, learner, optimizer, scaler, steps_per_epoch: int) -> int:
     if checkpoint["scaler"] or not scaler.is_enabled():   # a bf16/off run saved no scaler state
         scaler.load_state_dict(checkpoint["scaler"])
     path = os.path.join(args.out, "log.jsonl")
-    if models.rank() == 0 and os.path.exists(path):
+    if runtime.rank() == 0 and os.path.exists(path):
         with open(path) as file:
             records = [json.loads(line) for line in file if line.strip()]
         kept = [r for r in records if r["step"] <= checkpoint["step"] and not r.get("final")]
@@ -225,64 +324,13 @@ def resume(args, learner, optimizer, scaler, steps_per_epoch: int) -> int:
     return checkpoint["step"]
 
 
-def knn_report(trunk, args, device, baseline: bool) -> dict:
-    """k-NN top-1 % (k = 20) on the val split of the trunk, and of a random-init trunk when baseline. At most
-    --knn-samples images per split (a fixed random subset) keep it to minutes."""
-    from eval_knn import KNN_TEMPERATURE, knn_eval
-    if models.world_size() > 1:   # without SyncBN each rank's BN statistics saw only its own shard
-        for buffer in trunk.buffers():
-            dist.broadcast(buffer, src=0)
-    transform = data.eval_transform(args.image_size)
-    try:
-        *splits, num_classes = data.build_splits(args.dataset, args.data, args.val_data, transform, transform,
-                                                 args.image_size, args.fake_size)
-    except SystemExit as error:
-        log(f"k-NN skipped: {error}")
-        return {}
-    splits = [torch.utils.data.Subset(split, torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
-                                      [:args.knn_samples].tolist()) for split in splits]
-    nets = {"trained": trunk}
-    if baseline:
-        torch.manual_seed(args.seed)   # the same random-init baseline on every rank
-        nets["random-init"] = models.Trunk(args.arch, args.stem).to(device)
-    results = {name: knn_eval(net, *splits, [20], KNN_TEMPERATURE, num_classes, 256, args.workers, device,
-                              f"k-NN {name}")[20]["top1"] for name, net in nets.items()}
-    trunk.train()
-    return results
-
-
-def build_learner(args, device, world: int):
-    """(learner, model): the learner on device, and what the step calls (its DDP wrapper when world > 1)."""
-    mixing = {key: getattr(args, key) for key in ("mix", "mix_global_p", "mix_region_p", "mix_weight")}
-    if args.framework == "moco":
-        learner = models.MoCo(args.arch, args.stem, args.dim, args.queue_size, args.temperature, **mixing)
-    else:
-        learner = models.BYOL(args.arch, args.stem, args.dim, **mixing)
-    cuda = device.type == "cuda"
-    if args.framework == "byol" and world > 1 and cuda:   # no negatives: BN statistics of the global batch matter
-        learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)   # (MoCo has shuffle-BN instead)
-    learner = learner.to(device, memory_format=torch.channels_last)   # faster convolutions on CPUs too
-    if args.compile and any(isinstance(module, torch.nn.SyncBatchNorm) for module in learner.modules()):
-        log("note: --compile does not apply to SyncBatchNorm under DDP (an open torch failure); running eager")
-    elif args.compile:   # compile the forward methods: the state_dict keys stay those of the modules
-        for part in (part for encoder in (learner.online, learner.target) for part in (encoder.trunk, encoder.head)):
-            part.forward = torch.compile(part.forward, dynamic=False)   # a few fixed shapes: static graphs
-    # No buffer broadcast each step: the 32 MB queue is the same on every rank, and BN running statistics do not
-    # affect training (rank 0's are exported; knn_report broadcasts them first). torch 2.13 renamed the argument
-    # (its forward_sync_buffers=False still broadcasts once at the start: the same values, all ranks seeded alike).
-    accepted = inspect.signature(DistributedDataParallel).parameters
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
-    return learner, DistributedDataParallel(learner, device_ids=[device.index] if cuda else None,
-                                            **{no_sync: False}) if world > 1 else learner
-
-
 def train_step(batch, model, optimizer, scaler, autocast, args, device, step: int, stop_signal: list):
     """One optimisation step on a loader batch; returns (losses, stop). Its one host sync is a small all-reduce:
     every rank learns whether any saw a non-finite loss or a stop signal, so all stop at the same step."""
     (x1, x2, crops), _ = batch   # labels are never used in pre-training
     # Every random choice of the step (colour augmentation, mosaic grouping, jitter, shuffle-BN order) is a function of
     # (seed, step, rank), so a resumed run repeats an uninterrupted one.
-    torch.manual_seed(args.seed * 1_000_003 + step * 1009 + models.rank())
+    torch.manual_seed(args.seed * 1_000_003 + step * 1009 + runtime.rank())
     x1, x2, crops = (t.to(device, non_blocking=True) for t in (x1, x2, crops))   # uint8; crops [B, M, 3, s, s]
     # The loader only cropped and flipped: colour, blur, solarize and normalisation run here, batched (augment.py).
     x1, x2 = augment(torch.cat([x1, x2]), args.framework, ("x1", "x2")).chunk(2)   # one call for both views
@@ -298,11 +346,11 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
     scaler.step(optimizer)
     scaler.update()
     status = torch.stack([losses["loss"].detach().float(), torch.tensor(float(bool(stop_signal)), device=device)])
-    if models.world_size() > 1:
+    if runtime.world_size() > 1:
         dist.all_reduce(status)
     loss_value, stop = status.tolist()
     if not math.isfinite(loss_value):
-        fail(f"non-finite loss {loss_value} at step {step + 1}; {kept(args)}. Lower --lr, or use --amp bf16/off")
+        fail(f"non-finite loss {loss_value} at step {step + 1}; {checkpoint_status(args.out)}. Lower --lr, or use --amp bf16/off")
     return losses, bool(stop)
 
 
@@ -322,10 +370,21 @@ def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_st
     meter.update(since=time.time(), waited=0.0, steps=0)
 
 
+def save(args, learner, **training_state):
+    """models.save_checkpoint into --out; a failed write (a full disk) stops the run in one line, the previous
+    checkpoint intact."""
+    try:
+        models.save_checkpoint(args.out, learner, vars(args), **training_state)
+    except (OSError, RuntimeError) as error:   # a full disk: an OSError, or torch.save's RuntimeError
+        free = shutil.disk_usage(args.out).free >> 20
+        fail(f"could not write the checkpoint to {args.out} ({type(error).__name__}, {free} MB free there); "
+             f"{checkpoint_status(args.out)}: free space there and rerun")
+
+
 def finish(learner, args, device, step: int, log_file):
     """Check that every rank holds the same weights, run the final k-NN, write the final record."""
     checksum = torch.stack([p.detach().double().sum() for p in learner.parameters()]).sum().reshape(1)
-    sums = models.gather_all(checksum.to(device)).tolist()
+    sums = runtime.gather_all(checksum.to(device)).tolist()
     final = {"final": True, "step": step, "rank_checksums": sums, "ranks_identical": len(set(sums)) == 1}
     if args.knn_final:
         final["knn_top1"] = knn_report(learner.backbone, args, device, baseline=True)
@@ -335,153 +394,56 @@ def finish(learner, args, device, step: int, log_file):
     log(f"done: {step} steps; weights identical on all {len(sums)} ranks: {final['ranks_identical']}; in {args.out}")
 
 
-def kept(args) -> str:
-    """What a failed run leaves behind, for its error message."""
-    path = os.path.join(args.out, "checkpoint.pth")
+def knn_report(trunk, args, device, baseline: bool) -> dict:
+    """k-NN top-1 % (k = 20) on the val split of the trunk, and of a random-init trunk when baseline. At most
+    --knn-samples images per split (a fixed random subset) keep it to minutes."""
+    from eval_knn import KNN_TEMPERATURE, knn_eval
+    if runtime.world_size() > 1:   # without SyncBN each rank's BN statistics saw only its own shard
+        for buffer in trunk.buffers():
+            dist.broadcast(buffer, src=0)
+    transform = data.eval_transform(args.image_size)
+    try:
+        *splits, num_classes = data.build_splits(args.dataset, args.data, args.val_data, transform, transform,
+                                                 args.image_size, args.fake_size)
+    except ValueError as error:
+        log(f"k-NN skipped: {error}")
+        return {}
+    splits = [torch.utils.data.Subset(split, torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+                                      [:args.knn_samples].tolist()) for split in splits]
+    nets = {"trained": trunk}
+    if baseline:
+        torch.manual_seed(args.seed)   # the same random-init baseline on every rank
+        nets["random-init"] = models.Trunk(args.arch, args.stem).to(device)
+    results = {name: knn_eval(net, *splits, [20], KNN_TEMPERATURE, num_classes, 256, args.workers, device,
+                              f"k-NN {name}")[20]["top1"] for name, net in nets.items()}
+    trunk.train()
+    return results
+
+
+def checkpoint_status(out: str) -> str:
+    """What a failed run leaves behind in its --out, for its error message."""
+    path = os.path.join(out, "checkpoint.pth")
     return f"the last checkpoint ({path}) is intact" if os.path.exists(path) else "no checkpoint was written yet"
 
 
 def log(message: str):
-    if models.rank() == 0:
+    """Print on rank 0 only."""
+    if runtime.rank() == 0:
         print(message, flush=True)
 
 
-@contextlib.contextmanager
-def locked_out(out: str):
-    """Holds an exclusive flock on out/.lock for the block, the holder's pid and host written in it (emptied at the
-    end). The kernel releases it however the process ends, so a killed run leaves no stale lock. A folder another
-    run holds stops this one in one line, the folder untouched; a file system without flock runs unlocked."""
-    try:
-        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        fail(f"cannot write to --out {out} ({error.strerror or error}); choose another --out")
-    held = False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:   # another process holds it
-        holder = os.pread(fd, 200, 0).decode(errors="replace") or "a run that is starting"
-        os.close(fd)
-        fail(f"--out {out} is in use by another run ({holder}); wait for it to end, or choose another --out")
-    except (OSError, AttributeError) as error:   # ENOLCK, EOPNOTSUPP...; AttributeError: fcntl is None
-        print(f"note: cannot lock --out {out} ({getattr(error, 'strerror', None) or 'no flock here'}); running "
-              f"unlocked: start no other run on this folder", flush=True)
-    else:
-        held = True
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    try:
-        yield
-    finally:
-        if held:
-            os.ftruncate(fd, 0)
-        os.close(fd)
-
-
-def main(argv=None) -> int:
-    """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an error
-    included, lets the loader workers end, closes the log, leaves the process group and releases --out."""
-    args = parse_args(argv)
-    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    # Rank 0 holds --out from before the first look at its files until the process ends.
-    with locked_out(args.out) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():
-        if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pth")):
-            fail(f"{args.out}/checkpoint.pth exists; pass --resume to continue it, or choose another --out")
-        with models.distributed(args.dist_timeout) as device, stop_requests() as stop_signal, \
-                lost_peers_reported(args):
-            return train(args, device, stop_signal)
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """Yields a list that SIGTERM (preemption) and Ctrl-C append to during the block: the loop polls it after each
-    step, saves, then exits. Installed only once the process group is joined, so a signal before that (torchrun
-    ending the ranks of a run whose rank 0 stopped) ends the process at once."""
-    stop_signal = []
-    previous = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop_signal
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def lost_peers_reported(args):
-    """A failed collective in the block (a peer process exited, the network dropped, or a peer stalled beyond
-    --dist-timeout) ends this rank with one line: what, which rank, what is kept, how to go on. gloo raises a plain
-    RuntimeError naming itself, NCCL a DistError; any other error passes through."""
-    try:
-        yield
-    except RuntimeError as error:
-        if models.world_size() == 1 or not (isinstance(error, getattr(dist, "DistError", ())) or "gloo" in str(error)
-                                            or "NCCL" in str(error)):
-            raise
-        reason = str(error).split("] ", 1)[-1].split(". ")[0][:120]   # drops gloo's source location
-        rerun = "rerun the same command" + " with --resume" * os.path.exists(os.path.join(args.out, "checkpoint.pth"))
-        # Printed now, not by SystemExit at the very end: torchrun's SIGTERM may end the process before that.
-        print(f"error: rank {models.rank()} lost its peers: a peer process exited, the network dropped or a peer "
-              f"stalled over --dist-timeout {args.dist_timeout:g} min ({reason}); {kept(args)}; {rerun}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-
-
-def train(args, device, stop_signal: list) -> int:
-    """Build, then loop (step, log, epoch end), then finish. Returns 0 when done, 1 when stopped by a signal."""
-    world, rank, amp = models.world_size(), models.rank(), args.amp or ("bf16" if device.type == "cuda" else "off")
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True
-    views = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, args.crops * (args.views != "two"))
-    dataset = data.build_dataset(args.dataset, args.data, True, views, args.image_size, args.fake_size, unlabeled=True)
-    steps_per_epoch = len(dataset) // args.batch_size
-    if steps_per_epoch == 0:
-        fail(f"{len(dataset)} images make no full batch of {args.batch_size}; lower --batch-size")
-    learner, model = build_learner(args, device, world)
-    peak_lr = args.lr * args.batch_size / 256   # the linear scaling rule, applied here and only here
-    optimizer, scaler = build_optimizer(learner, args, peak_lr), torch.amp.GradScaler(enabled=amp == "fp16")
-    step = resume(args, learner, optimizer, scaler, steps_per_epoch) if args.resume else 0
-    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
-    total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps or total_steps)
-    log(f"{args.framework} + {args.views} views | {args.arch} ({args.stem} stem) | {len(dataset)} images | {world} "
-        f"process(es) on {device.type} | batch {args.batch_size} | {steps_per_epoch} steps/epoch | peak lr "
-        f"{peak_lr:.4g} | amp {amp} | out {args.out}")
-    with data.train_loader(dataset, args.batch_size // world, args.workers, args.seed, world, rank) as loader, \
-            (open(f"{args.out}/log.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as log_file:
-        learner.train()
-        meter, stop = {"since": time.time(), "waited": 0.0, "steps": 0}, False
-        while step < last_step and not stop:
-            epoch = step // steps_per_epoch
-            loader.sampler.set_epoch(epoch, skip_batches=step % steps_per_epoch)
-            fetched = time.time()
-            for batch in loader:   # the rest of this epoch
-                meter["waited"] += time.time() - fetched
-                lr, ema = schedules(step, total_steps, round(args.warmup_epochs * steps_per_epoch), peak_lr, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                losses, stop = train_step(batch, model, optimizer, scaler, autocast, args, device, step, stop_signal)
-                learner.update_target(ema)
-                step, meter["steps"] = step + 1, meter["steps"] + 1
-                if log_file and (step % args.log_every == 0 or step == last_step):
-                    log_step(log_file, losses, meter, epoch, step, last_step, lr, ema, args)
-                if stop or step == last_step:
-                    break
-                fetched = time.time()
-            try:   # at the epoch end, the last step or a stop signal
-                if rank == 0:
-                    models.save_checkpoint(args.out, learner, vars(args), optimizer=optimizer.state_dict(),
-                                           scaler=scaler.state_dict(), step=step, steps_per_epoch=steps_per_epoch)
-            except (OSError, RuntimeError) as error:   # a full disk: an OSError, or torch.save's RuntimeError
-                free = shutil.disk_usage(args.out).free >> 20
-                fail(f"could not write the checkpoint to {args.out} ({type(error).__name__}, {free} MB free there); "
-                     f"{kept(args)}: free space there and rerun")
-            if args.knn_every and step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.knn_every == 0:
-                log(f"k-NN top-1 (k=20), epoch {epoch + 1}: {knn_report(learner.backbone, args, device, False)}")
-        if stop:
-            log(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
-            return 1
-        finish(learner, args, device, step, log_file)
-    return 0
+def say_lost_peers(error: RuntimeError, args):
+    """A failed collective (a peer process exited, the network dropped, or a peer stalled beyond --dist-timeout)
+    ends this rank with one line: what, which rank, what is kept, how to go on. Any other error: returns."""
+    reason = runtime.lost_peers(error)
+    if reason is None:
+        return
+    rerun = "rerun the same command" + " with --resume" * os.path.exists(os.path.join(args.out, "checkpoint.pth"))
+    # Printed now, while SIGTERM only requests a stop: once the handlers are restored torchrun's SIGTERM ends us.
+    print(f"error: rank {runtime.rank()} lost its peers: a peer process exited, the network dropped or a peer "
+          f"stalled over --dist-timeout {args.dist_timeout:g} min ({reason}); {checkpoint_status(args.out)}; {rerun}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""What a run needs around the method: the process group, and the guards that keep a run's output folder whole.
+
+- `distributed()` joins torchrun's process group (or stays a world of one), so that every later code path is
+  the same on a laptop and on many GPUs; `world_size`, `rank` and `gather_all` work in both.
+- `folder_lock()` gives one run at a time its output folder; `stop_requests()` turns SIGTERM and Ctrl-C into a
+  request the loop polls; `lost_peers()` recognises a collective that failed because a peer went away.
+
+Imports only torch. Nothing here prints or exits: the errors are `RunError` (or ValueError) with the fix in the
+message, and the scripts turn them into their one line.
+"""
+import contextlib
+import datetime
+import os
+import signal
+import socket
+
+import torch
+import torch.distributed as dist
+
+try:
+    import fcntl
+except ImportError:   # Windows has none: runs there go unlocked
+    fcntl = None
+
+
+class RunError(Exception):
+    """A run cannot go on, for a reason the user can fix; the message says how."""
+
+
+@contextlib.contextmanager
+def distributed(timeout_minutes: float = None):
+    """Yields this process's device, having joined torchrun's process group when it set RANK (nccl on CUDA, gloo
+    on CPU), else staying a world of one: every later code path is the same. Leaves the group at the end.
+    timeout_minutes: how long a collective may wait for a peer before it raises (default: torch's)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        # NCCL's watchdog then ends a process whose collective failed or timed out, instead of leaving it blocked;
+        # a value the user set wins (the variable's name changed in torch 2.2).
+        if cuda and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"} & set(os.environ):
+            os.environ[("TORCH_" if torch.__version__ >= "2.2" else "") + "NCCL_ASYNC_ERROR_HANDLING"] = "1"
+        timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+        dist.init_process_group("nccl" if cuda else "gloo", **timeout)
+    try:
+        yield device
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def world_size() -> int:
+    """The number of processes in the group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def gather_all(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a [n, ...] tensor from every process along dim 0, in rank order (no gradient): [n*world, ...]."""
+    if world_size() == 1:
+        return tensor
+    tensor = tensor.contiguous()   # plain layout: collectives copy raw bytes, channels_last would scramble
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """Holds an exclusive flock on folder/.lock for the block, the holder's pid and host written in it (emptied at
+    the end); yields None, or the reason the folder could not be locked (a file system without flock: the block
+    runs unlocked). The kernel releases the lock however the process ends, so a killed run leaves no stale lock.
+    RunError, the folder untouched, when another process holds it."""
+    try:
+        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise RunError(f"cannot write to --out {folder} ({error.strerror or error}); choose another --out") from None
+    unlocked = None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:   # another process holds it
+        holder = os.pread(fd, 200, 0).decode(errors="replace") or "a run that is starting"
+        os.close(fd)
+        raise RunError(f"--out {folder} is in use by another run ({holder}); wait for it to end, or choose another "
+                       f"--out") from None
+    except (OSError, AttributeError) as error:   # ENOLCK, EOPNOTSUPP...; AttributeError: fcntl is None
+        unlocked = getattr(error, "strerror", None) or "no flock here"
+    else:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield unlocked
+    finally:
+        if unlocked is None:
+            os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Yields a list that SIGTERM (preemption) and Ctrl-C append to during the block: the loop polls it after each
+    step, saves, then exits. Install it only once the process group is joined, so that a signal before that
+    (torchrun ending the ranks of a run whose rank 0 stopped) ends the process at once."""
+    requests = []
+    previous = {sig: signal.signal(sig, lambda number, frame: requests.append(number))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requests
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def lost_peers(error: BaseException):
+    """The reason, in a few words, when error is a collective that failed because a peer process exited, the
+    network dropped or a peer stalled past the timeout; None for any other error. gloo raises a plain RuntimeError
+    naming itself, NCCL a DistError."""
+    if world_size() == 1 or not isinstance(error, RuntimeError) or not (
+            isinstance(error, getattr(dist, "DistError", ())) or "gloo" in str(error) or "NCCL" in str(error)):
+        return None
+    return str(error).split("] ", 1)[-1].split(". ")[0][:120]   # drops gloo's source location
