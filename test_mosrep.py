@@ -590,23 +590,41 @@ def _aug_images(n=5, h=19, w=23, seed=0):
     return images
 
 
-OPS = [("adjust_brightness", lambda x, p: TF.adjust_brightness(x, p), lambda n: 0.6 + 0.8 * torch.rand(n)),
-       ("adjust_contrast", lambda x, p: TF.adjust_contrast(x, p), lambda n: 0.6 + 0.8 * torch.rand(n)),
-       ("adjust_saturation", lambda x, p: TF.adjust_saturation(x, p), lambda n: 0.6 + 0.8 * torch.rand(n)),
-       ("adjust_hue", lambda x, p: TF.adjust_hue(x, p), lambda n: torch.rand(n) - 0.5)]
+def _blend_as(op):
+    """augment.blend with one op (BRIGHTNESS, CONTRAST or SATURATION) for every image: (images, factors [N])."""
+    return lambda x, f: augment.blend(x, torch.full((len(x), 1, 1, 1), op), f.reshape(-1, 1, 1, 1))
+
+
+OPS = [("brightness", _blend_as(augment.BRIGHTNESS), TF.adjust_brightness, lambda n: 0.6 + 0.8 * torch.rand(n)),
+       ("contrast", _blend_as(augment.CONTRAST), TF.adjust_contrast, lambda n: 0.6 + 0.8 * torch.rand(n)),
+       ("saturation", _blend_as(augment.SATURATION), TF.adjust_saturation, lambda n: 0.6 + 0.8 * torch.rand(n)),
+       ("hue", augment.adjust_hue, TF.adjust_hue, lambda n: torch.rand(n) - 0.5)]
 
 
 # ---- batched colour ops, grayscale, solarize, blur against torchvision
 
-@pytest.mark.parametrize("name, reference, draw", OPS, ids=[op[0] for op in OPS])
-def test_batched_colour_op_equals_torchvision_per_image(name, reference, draw):
-    """augment.<op>(images, per-sample factors) equals torchvision.transforms.v2.functional.<op> on each image
-    alone, within 1e-5 in fp32."""
+@pytest.mark.parametrize("name, mine, reference, draw", OPS, ids=[op[0] for op in OPS])
+def test_batched_colour_op_equals_torchvision_per_image(name, mine, reference, draw):
+    """augment.blend (as brightness, contrast, saturation) and augment.adjust_hue, with per-sample factors, equal
+    torchvision.transforms.v2.functional.adjust_<op> on each image alone, within 1e-5 in fp32."""
     torch.manual_seed(1)
     images, factors = _aug_images(), draw(5)
-    batched = getattr(augment, name)(images, factors)
-    for image, factor, mine in zip(images, factors, batched):
-        assert torch.allclose(mine, reference(image, factor.item()), atol=1e-5, rtol=0)
+    for image, factor, batched in zip(images, factors, mine(images, factors)):
+        assert torch.allclose(batched, reference(image, factor.item()), atol=1e-5, rtol=0)
+
+
+def test_blend_applies_each_images_own_op():
+    """blend with a different op per image (brightness, contrast, saturation, ...) equals torchvision's op on each
+    image alone, within 1e-5; an image with factor 1 comes back unchanged, whatever its op."""
+    torch.manual_seed(2)
+    images, factors = _aug_images(n=7), 0.6 + 0.8 * torch.rand(7)
+    factors[6] = 1.0
+    ops = torch.tensor([0, 1, 2, 2, 1, 0, 1])
+    out = augment.blend(images, ops.reshape(-1, 1, 1, 1), factors.reshape(-1, 1, 1, 1))
+    reference = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+    for image, op, factor, mine in zip(images, ops.tolist(), factors.tolist(), out):
+        assert torch.allclose(mine, reference[op](image, factor), atol=1e-5, rtol=0), op
+    assert torch.equal(out[6], images[6])
 
 
 def test_grayscale_and_solarize_equal_torchvision():
