@@ -6,7 +6,7 @@ then feeds 5-6x more images per core-second than with the whole recipe in PIL). 
 as batched tensor ops with no Python loop over the samples and no host sync. Imports only torch.
 
 The contract:
-- `RECIPES` is the one table of the recipes: each view's RandomResizedCrop scale (read by the loader,
+- `VIEW_RECIPES` is the one table of the recipes: each view's RandomResizedCrop scale (read by the loader,
   data.py) and its blur and solarize probabilities (read here). MoCo-v2's two global views are alike;
   BYOL's are asymmetric (blur 1.0 / 0.1, solarize 0 / 0.2). Views under 64 px get no blur.
 - Every draw (factors, op order, which sample gets which op) comes from torch's global RNG on the
@@ -29,10 +29,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet statistics
 View = NamedTuple("View", [("scale", tuple), ("blur", float), ("solarize", float)])
 
 
-RECIPES = {"moco": {"x1": View((0.2, 1.0), 0.5, 0.0), "x2": View((0.2, 1.0), 0.5, 0.0),
-                    "crops": View((0.1, 0.6), 0.5, 0.0)},
-           "byol": {"x1": View((0.08, 1.0), 1.0, 0.0), "x2": View((0.08, 1.0), 0.1, 0.2),
-                    "crops": View((0.1, 0.6), 0.5, 0.0)}}
+VIEW_RECIPES = {"moco": {"x1": View((0.2, 1.0), 0.5, 0.0), "x2": View((0.2, 1.0), 0.5, 0.0),
+                         "crops": View((0.1, 0.6), 0.5, 0.0)},
+                "byol": {"x1": View((0.08, 1.0), 1.0, 0.0), "x2": View((0.08, 1.0), 0.1, 0.2),
+                         "crops": View((0.1, 0.6), 0.5, 0.0)}}
 # ColorJitter strengths (brightness, contrast, saturation, hue), applied with p = 0.8; grayscale p = 0.2.
 COLOUR_JITTER = {"moco": (0.4, 0.4, 0.4, 0.1), "byol": (0.4, 0.4, 0.2, 0.1)}
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -128,14 +128,14 @@ def apply_colour_jitter(images: torch.Tensor, factors: torch.Tensor, order: torc
 
 
 def draw_augment(n: int, framework: str, views, size: int, device=None) -> dict:
-    """The random parameters of n images under RECIPES[framework][view], size px: one view name, or a tuple of them
-    for a batch of equal consecutive parts, one per view (x1 and x2 in one call). The colour jitter's (p 0.8), and
+    """The random parameters of n images under VIEW_RECIPES[framework][view], size px: one view name, or a tuple of
+    them for a batch of equal consecutive parts, one per view (x1 and x2 in one call). The colour jitter's (p 0.8), and
     which images get grayscale (p 0.2), blur (the view's p, never under 64 px; sigma ~ U[0.1, 2]) and solarize (the
     view's p): bool [n] each, sigma [n]."""
     views = (views,) if isinstance(views, str) else tuple(views)
     # At 32 px a 3x3 kernel erases the little detail there is: small views get no blur.
-    rates = _constant(tuple((0.2, RECIPES[framework][view].blur * (size >= 64), RECIPES[framework][view].solarize)
-                            for view in views), device)                            # [views, 3]
+    recipes = [VIEW_RECIPES[framework][view] for view in views]
+    rates = _constant(tuple((0.2, r.blur * (size >= 64), r.solarize) for r in recipes), device)   # [views, 3]
     u = torch.rand(n, 4, device=device)
     grey, blur, solarize = (u[:, :3].reshape(len(views), -1, 3) < rates[:, None]).reshape(n, 3).unbind(1)
     jitter = draw_colour_jitter(n, COLOUR_JITTER[framework], 0.8, device)

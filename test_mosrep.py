@@ -687,7 +687,7 @@ def test_draw_augment_probabilities_hit_their_rates(framework, view):
     """Over 4000 images each random op is drawn at its rate (grayscale 0.2, the view's blur and solarize), within
     4 standard deviations (a rate off by 0.05 fails); sigma ~ U[0.1, 2]; views under 64 px draw no blur."""
     torch.manual_seed(0)
-    n, recipe = 4000, augment.RECIPES[framework][view]
+    n, recipe = 4000, augment.VIEW_RECIPES[framework][view]
     params = augment.draw_augment(n, framework, view, 64)
     for name, p in (("grey", 0.2), ("blur", recipe.blur), ("solarize", recipe.solarize)):
         assert abs(params[name].float().mean().item() - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-9, name
@@ -703,7 +703,7 @@ def test_draw_augment_of_two_views_gives_each_half_its_own_recipe(framework):
     n = 4000
     params = augment.draw_augment(2 * n, framework, ("x1", "x2"), 64)
     for half, view in enumerate(("x1", "x2")):
-        recipe = augment.RECIPES[framework][view]
+        recipe = augment.VIEW_RECIPES[framework][view]
         for name, p in (("grey", 0.2), ("blur", recipe.blur), ("solarize", recipe.solarize)):
             rate = params[name][half * n:(half + 1) * n].float().mean().item()
             assert abs(rate - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-9, (view, name)
@@ -1648,14 +1648,14 @@ def test_multi_view_transform_output_shapes(framework, num_crops):
 
 
 def test_multi_view_transform_only_crops_and_flips_with_the_recipes_scales():
-    """The loader's views are RandomResizedCrop (each view's scale from augment.RECIPES) + flip on the uint8 tensor:
-    nothing photometric, no float conversion; a constant image (PIL or tensor) stays exactly that colour."""
+    """The loader's views are RandomResizedCrop (each view's scale from augment.VIEW_RECIPES) + flip on the uint8
+    tensor: nothing photometric, no float conversion; a constant image (PIL or tensor) stays exactly that colour."""
     for framework in ("moco", "byol"):
         views = data.MultiViewTransform(framework, 64, 32, 4)
         for view, name in ((views.view1, "x1"), (views.view2, "x2"), (views.small, "crops")):
             kinds = [type(t) for t in view.transforms]
             assert kinds == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
-            assert view.transforms[0].scale == augment.RECIPES[framework][name].scale
+            assert view.transforms[0].scale == augment.VIEW_RECIPES[framework][name].scale
     colour = torch.tensor([[200], [10], [99]], dtype=torch.uint8)
     for image in (Image.new("RGB", (80, 70), (200, 10, 99)), colour[:, :, None].expand(3, 70, 80)):
         x1, x2, crops = data.MultiViewTransform("byol", 64, 32, 4)(image)
@@ -1718,10 +1718,10 @@ def test_tensor_views_of_real_cifar_match_the_pil_loader(tmp_path):
 
 
 def test_recipes_moco_views_alike_byol_views_asymmetric():
-    """augment.RECIPES: MoCo-v2's global views share scale (0.2, 1), blur 0.5, no solarize; BYOL's are (0.08, 1)
+    """augment.VIEW_RECIPES: MoCo-v2's global views share scale (0.2, 1), blur 0.5, no solarize; BYOL's are (0.08, 1)
     with blur 1.0 / 0.1 and solarize 0 / 0.2; crops (0.1, 0.6), blur 0.5. Jitter MoCo (.4, .4, .4, .1), BYOL
     (.4, .4, .2, .1)."""
-    moco, byol = augment.RECIPES["moco"], augment.RECIPES["byol"]
+    moco, byol = augment.VIEW_RECIPES["moco"], augment.VIEW_RECIPES["byol"]
     assert moco["x1"] == moco["x2"] == ((0.2, 1.0), 0.5, 0.0)
     assert (byol["x1"], byol["x2"]) == (((0.08, 1.0), 1.0, 0.0), ((0.08, 1.0), 0.1, 0.2))
     assert moco["crops"] == byol["crops"] == ((0.1, 0.6), 0.5, 0.0)
