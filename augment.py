@@ -1,20 +1,21 @@
 """The photometric half of the view recipes, batched on the device, with per-sample random parameters.
 
-The loader's workers only decode, RandomResizedCrop and flip, and hand over uint8 tensors (a worker
-then feeds 5-6x more images per core-second than with the whole recipe in PIL). The training step calls
-`augment` on each view of the batch: colour jitter, grayscale, Gaussian blur, solarize, normalisation,
-as batched tensor ops with no Python loop over the samples and no host sync. Imports only torch.
+The loader's workers only decode, RandomResizedCrop and flip, and hand over uint8 tensors (a worker then feeds
+about 10x more JPEGs per core-second than with the whole recipe in PIL: 9.7x in docs/results.md, 9.5-11.9x in
+docs/loader.md's runs). The training step calls `augment` on each view of the batch: colour jitter, grayscale,
+Gaussian blur, solarize, normalisation, as batched tensor ops with no Python loop over the samples and no host sync.
+Imports only torch.
 
 The contract:
-- `RECIPES` is the one table of the recipes: each view's RandomResizedCrop scale (read by the loader,
+- `VIEW_RECIPES` is the one table of the recipes: each view's RandomResizedCrop scale (read by the loader,
   data.py) and its blur and solarize probabilities (read here). MoCo-v2's two global views are alike;
   BYOL's are asymmetric (blur 1.0 / 0.1, solarize 0 / 0.2). Views under 64 px get no blur.
 - Every draw (factors, op order, which sample gets which op) comes from torch's global RNG on the
   images' device: seed it per step (train.py does, from seed, step and rank) and a run is reproducible.
 - Each op equals torchvision.transforms.v2.functional's op on each image alone, in fp32 on [0, 1]
-  images (the tests pin it to 1e-5): adjust_brightness / contrast / saturation / hue, rgb_to_grayscale,
-  gaussian_blur (its kernel, reflect padding) and solarize. Colour jitter draws torchvision ColorJitter's
-  factor ranges and applies the four ops in a random order per sample, as ColorJitter does per image.
+  images (the tests pin it to 1e-5): adjust_brightness / contrast / saturation (`blend`), adjust_hue,
+  rgb_to_grayscale, gaussian_blur (its kernel, reflect padding) and solarize. Colour jitter draws torchvision
+  ColorJitter's factor ranges and applies the four ops in a random order per sample, as ColorJitter does per image.
 """
 import functools
 from typing import NamedTuple
@@ -29,10 +30,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet statistics
 View = NamedTuple("View", [("scale", tuple), ("blur", float), ("solarize", float)])
 
 
-RECIPES = {"moco": {"x1": View((0.2, 1.0), 0.5, 0.0), "x2": View((0.2, 1.0), 0.5, 0.0),
-                    "crops": View((0.1, 0.6), 0.5, 0.0)},
-           "byol": {"x1": View((0.08, 1.0), 1.0, 0.0), "x2": View((0.08, 1.0), 0.1, 0.2),
-                    "crops": View((0.1, 0.6), 0.5, 0.0)}}
+VIEW_RECIPES = {"moco": {"x1": View((0.2, 1.0), 0.5, 0.0), "x2": View((0.2, 1.0), 0.5, 0.0),
+                         "crops": View((0.1, 0.6), 0.5, 0.0)},
+                "byol": {"x1": View((0.08, 1.0), 1.0, 0.0), "x2": View((0.08, 1.0), 0.1, 0.2),
+                         "crops": View((0.1, 0.6), 0.5, 0.0)}}
 # ColorJitter strengths (brightness, contrast, saturation, hue), applied with p = 0.8; grayscale p = 0.2.
 COLOUR_JITTER = {"moco": (0.4, 0.4, 0.4, 0.1), "byol": (0.4, 0.4, 0.2, 0.1)}
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -53,23 +54,14 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
     return F.conv2d(images, _constant(((((0.2989,),), ((0.587,),), ((0.114,),)),), images.device).to(images.dtype))
 
 
-def blend(images: torch.Tensor, factors: torch.Tensor, reference) -> torch.Tensor:
-    """clamp(f * image + (1 - f) * reference, 0, 1) per sample: factors [N] or [N, 1, 1, 1]; reference broadcasts to
-    images. Brightness, contrast and saturation are this blend with another reference each."""
-    reference = torch.as_tensor(reference, dtype=images.dtype, device=images.device)
-    return torch.lerp(reference, images, _per_sample(factors)).clamp_(0, 1)
-
-
-def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return blend(images, factors, 0.0)
-
-
-def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return blend(images, factors, grayscale(images).mean(dim=(1, 2, 3), keepdim=True))
-
-
-def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return blend(images, factors, grayscale(images))
+def blend(images: torch.Tensor, ops: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_brightness, adjust_contrast or adjust_saturation, each image the one ops names (BRIGHTNESS,
+    CONTRAST or SATURATION): images [N, 3, H, W] in [0, 1]; ops and factors [N, 1, 1, 1], per image. Each is the blend
+    clamp(f * image + (1 - f) * reference, 0, 1) towards its own reference: 0 (brightness), the mean of the image's
+    grey (contrast) or its grey (saturation). A factor of 1 leaves an image as it is, whatever its op."""
+    grey = grayscale(images)                                                            # [N, 1, H, W]
+    reference = torch.where(ops == SATURATION, grey, (ops == CONTRAST) * grey.mean(dim=(1, 2, 3), keepdim=True))
+    return torch.lerp(reference, images, factors).clamp_(0, 1)
 
 
 def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -117,39 +109,34 @@ def draw_colour_jitter(n: int, strengths, p: float = 0.8, device=None):
 
 
 def apply_colour_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, applied: torch.Tensor):
-    """Each image through the four ops in its own order, as draw_colour_jitter's parameters say; images [N, 3, H, W].
-    The batch runs three blend passes (an image's ops at positions 0-2 that come before its hue), one hue pass, then
-    three more (its ops at positions 1-3 after its hue): one hue pass instead of four. Where an image has nothing to
-    do in a pass, its factor is 1, the identity. A blend's reference is saturation * grey + contrast * mean(grey):
-    brightness 0, contrast mean(grey), saturation grey."""
-    hue_slot = (order == HUE).long().argmax(dim=1, keepdim=True)                     # [N, 1]
-    device = images.device
-    position, side = _constant((0, 1, 2, 1, 2, 3), device), _constant((1, 1, 1, -1, -1, -1), device)
-    ops = order.index_select(1, position)                                            # [N, 6]
-    active = ((position - hue_slot) * side < 0) & applied[:, None]                   # before / after the hue
-    # Per pass and image: (factor, saturation weight, contrast weight), [6 * 3] x [N, 1, 1, 1].
-    weights = _constant(((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0)), device).to(images.dtype)[ops]   # [N, 6, 2]
-    passes = torch.cat([torch.where(active, factors.gather(1, ops), 1.0)[..., None], weights], dim=2)
-    passes = passes.permute(1, 2, 0).reshape(18, -1, 1, 1, 1).unbind(0)
-    for slot in range(6):
-        if slot == 3:
-            images = torch.where(_per_sample(applied), adjust_hue(images, factors[:, HUE]), images)
-        factor, saturation, contrast = passes[3 * slot:3 * slot + 3]
-        grey = grayscale(images)
-        reference = torch.addcmul(contrast * grey.mean(dim=(1, 2, 3), keepdim=True), saturation, grey)
-        images = torch.lerp(reference, images, factor).clamp_(0, 1)
+    """torchvision's ColorJitter on each image alone, with draw_colour_jitter's parameters: images [N, 3, H, W] in
+    [0, 1] go through the four ops in their own order (order [N, 4]: the op at each position), each op with its factor
+    (factors [N, 4], per op), where applied [N]. The hue is the costly op, so the batch runs it once, in the middle:
+    before it, each image's blends that its order puts before its hue (positions 0-2 at most); after it, those after
+    its hue (positions 1-3 at most). Where an image has no blend to do at a position, its factor is 1, the identity."""
+    factor_at = torch.where(applied[:, None], factors.gather(1, order), 1.0)       # [N, 4]: the factor at each position
+    hue_at = order.argsort(dim=1)[:, HUE:HUE + 1]          # [N, 1]: its hue's position (argsort inverts a permutation)
+    position = _constant((0, 1, 2, 3), images.device)
+    before, after = torch.where(position < hue_at, factor_at, 1.0), torch.where(position > hue_at, factor_at, 1.0)
+    # Each [N, 4] as its four columns, one per position, shaped [N, 1, 1, 1] to broadcast over an image's pixels.
+    ops, before, after = (table.reshape(-1, 4, 1, 1, 1).unbind(1) for table in (order, before, after))
+    for p in range(3):
+        images = blend(images, ops[p], before[p])
+    images = torch.where(_per_sample(applied), adjust_hue(images, factors[:, HUE]), images)
+    for p in range(1, 4):
+        images = blend(images, ops[p], after[p])
     return images
 
 
 def draw_augment(n: int, framework: str, views, size: int, device=None) -> dict:
-    """The random parameters of n images under RECIPES[framework][view], size px: one view name, or a tuple of them
-    for a batch of equal consecutive parts, one per view (x1 and x2 in one call). The colour jitter's (p 0.8), and
+    """The random parameters of n images under VIEW_RECIPES[framework][view], size px: one view name, or a tuple of
+    them for a batch of equal consecutive parts, one per view (x1 and x2 in one call). The colour jitter's (p 0.8), and
     which images get grayscale (p 0.2), blur (the view's p, never under 64 px; sigma ~ U[0.1, 2]) and solarize (the
     view's p): bool [n] each, sigma [n]."""
     views = (views,) if isinstance(views, str) else tuple(views)
     # At 32 px a 3x3 kernel erases the little detail there is: small views get no blur.
-    rates = _constant(tuple((0.2, RECIPES[framework][view].blur * (size >= 64), RECIPES[framework][view].solarize)
-                            for view in views), device)                            # [views, 3]
+    recipes = [VIEW_RECIPES[framework][view] for view in views]
+    rates = _constant(tuple((0.2, r.blur * (size >= 64), r.solarize) for r in recipes), device)   # [views, 3]
     u = torch.rand(n, 4, device=device)
     grey, blur, solarize = (u[:, :3].reshape(len(views), -1, 3) < rates[:, None]).reshape(n, 3).unbind(1)
     jitter = draw_colour_jitter(n, COLOUR_JITTER[framework], 0.8, device)

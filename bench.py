@@ -322,7 +322,7 @@ def photo_like_jpegs(folder, count=48, size=(500, 375)):
 def pil_loader_views(framework, size, crop_size, num_crops):
     """The PIL loader that data.load_image and the tensor crops replaced: PIL image -> RandomResizedCrop + flip on
     PIL -> PILToTensor, for x1, x2 and the crops: the reference for the LOADER line's over_pil."""
-    recipe = augment.RECIPES[framework]
+    recipe = augment.VIEW_RECIPES[framework]
     x1, x2, crop = (v2.Compose([v2.RandomResizedCrop(side, scale=recipe[name].scale, antialias=True),
                                 v2.RandomHorizontalFlip(), v2.PILToTensor()])
                     for side, name in ((size, "x1"), (size, "x2"), (crop_size, "crops")))
@@ -339,7 +339,7 @@ def bench_loader(args, framework="byol", rounds=3):
     replaced, on --data's JPEGs or on ImageNet-sized ones made in a temporary folder. The three take turns, `rounds`
     passes each, the best pass kept, so that a busy machine slows them alike.
     Returns ({"full": img/s, "loader": img/s, "pil": img/s}, source)."""
-    recipe = augment.RECIPES[framework]
+    recipe = augment.VIEW_RECIPES[framework]
     full_views = [full_recipe_view(framework, 224, recipe[v]) for v in ("x1", "x2")]
     full_crop = full_recipe_view(framework, 112, recipe["crops"])
     full = lambda image: [view(image) for view in full_views] + [full_crop(image) for _ in range(4)]

@@ -63,10 +63,10 @@ def view_transform(size: int, scale) -> v2.Compose:
 class MultiViewTransform:
     """uint8 [3, H, W] (load_image's) or a PIL image (torchvision's CIFAR, STL-10, FakeData) -> uint8 (global view
     x1 [3, S, S], global view x2 [3, S, S], small crops [M, 3, s, s]), cropped with the scale ranges of
-    augment.RECIPES[framework]; train.py's step finishes them with augment.augment. With num_crops = 0 the crops are
-    an empty [0, 3, s, s]: the two-view baseline pays for none."""
+    augment.VIEW_RECIPES[framework]; train.py's step finishes them with augment.augment. With num_crops = 0 the crops
+    are an empty [0, 3, s, s]: the two-view baseline pays for none."""
     def __init__(self, framework: str, image_size: int, crop_size: int, num_crops: int):
-        recipe = augment.RECIPES[framework]
+        recipe = augment.VIEW_RECIPES[framework]
         self.view1, self.view2 = (view_transform(image_size, recipe[view].scale) for view in ("x1", "x2"))
         self.small = view_transform(crop_size, recipe["crops"].scale)
         self.num_crops, self.crop_size = num_crops, crop_size

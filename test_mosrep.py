@@ -592,23 +592,41 @@ def _aug_images(n=5, h=19, w=23, seed=0):
     return images
 
 
-OPS = [("adjust_brightness", lambda x, p: TF.adjust_brightness(x, p), lambda n: 0.6 + 0.8 * torch.rand(n)),
-       ("adjust_contrast", lambda x, p: TF.adjust_contrast(x, p), lambda n: 0.6 + 0.8 * torch.rand(n)),
-       ("adjust_saturation", lambda x, p: TF.adjust_saturation(x, p), lambda n: 0.6 + 0.8 * torch.rand(n)),
-       ("adjust_hue", lambda x, p: TF.adjust_hue(x, p), lambda n: torch.rand(n) - 0.5)]
+def _blend_as(op):
+    """augment.blend with one op (BRIGHTNESS, CONTRAST or SATURATION) for every image: (images, factors [N])."""
+    return lambda x, f: augment.blend(x, torch.full((len(x), 1, 1, 1), op), f.reshape(-1, 1, 1, 1))
+
+
+OPS = [("brightness", _blend_as(augment.BRIGHTNESS), TF.adjust_brightness, lambda n: 0.6 + 0.8 * torch.rand(n)),
+       ("contrast", _blend_as(augment.CONTRAST), TF.adjust_contrast, lambda n: 0.6 + 0.8 * torch.rand(n)),
+       ("saturation", _blend_as(augment.SATURATION), TF.adjust_saturation, lambda n: 0.6 + 0.8 * torch.rand(n)),
+       ("hue", augment.adjust_hue, TF.adjust_hue, lambda n: torch.rand(n) - 0.5)]
 
 
 # ---- batched colour ops, grayscale, solarize, blur against torchvision
 
-@pytest.mark.parametrize("name, reference, draw", OPS, ids=[op[0] for op in OPS])
-def test_batched_colour_op_equals_torchvision_per_image(name, reference, draw):
-    """augment.<op>(images, per-sample factors) equals torchvision.transforms.v2.functional.<op> on each image
-    alone, within 1e-5 in fp32."""
+@pytest.mark.parametrize("name, mine, reference, draw", OPS, ids=[op[0] for op in OPS])
+def test_batched_colour_op_equals_torchvision_per_image(name, mine, reference, draw):
+    """augment.blend (as brightness, contrast, saturation) and augment.adjust_hue, with per-sample factors, equal
+    torchvision.transforms.v2.functional.adjust_<op> on each image alone, within 1e-5 in fp32."""
     torch.manual_seed(1)
     images, factors = _aug_images(), draw(5)
-    batched = getattr(augment, name)(images, factors)
-    for image, factor, mine in zip(images, factors, batched):
-        assert torch.allclose(mine, reference(image, factor.item()), atol=1e-5, rtol=0)
+    for image, factor, batched in zip(images, factors, mine(images, factors)):
+        assert torch.allclose(batched, reference(image, factor.item()), atol=1e-5, rtol=0)
+
+
+def test_blend_applies_each_images_own_op():
+    """blend with a different op per image (brightness, contrast, saturation, ...) equals torchvision's op on each
+    image alone, within 1e-5; an image with factor 1 comes back unchanged, whatever its op."""
+    torch.manual_seed(2)
+    images, factors = _aug_images(n=7), 0.6 + 0.8 * torch.rand(7)
+    factors[6] = 1.0
+    ops = torch.tensor([0, 1, 2, 2, 1, 0, 1])
+    out = augment.blend(images, ops.reshape(-1, 1, 1, 1), factors.reshape(-1, 1, 1, 1))
+    reference = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+    for image, op, factor, mine in zip(images, ops.tolist(), factors.tolist(), out):
+        assert torch.allclose(mine, reference[op](image, factor), atol=1e-5, rtol=0), op
+    assert torch.equal(out[6], images[6])
 
 
 def test_grayscale_and_solarize_equal_torchvision():
@@ -671,7 +689,7 @@ def test_draw_augment_probabilities_hit_their_rates(framework, view):
     """Over 4000 images each random op is drawn at its rate (grayscale 0.2, the view's blur and solarize), within
     4 standard deviations (a rate off by 0.05 fails); sigma ~ U[0.1, 2]; views under 64 px draw no blur."""
     torch.manual_seed(0)
-    n, recipe = 4000, augment.RECIPES[framework][view]
+    n, recipe = 4000, augment.VIEW_RECIPES[framework][view]
     params = augment.draw_augment(n, framework, view, 64)
     for name, p in (("grey", 0.2), ("blur", recipe.blur), ("solarize", recipe.solarize)):
         assert abs(params[name].float().mean().item() - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-9, name
@@ -687,7 +705,7 @@ def test_draw_augment_of_two_views_gives_each_half_its_own_recipe(framework):
     n = 4000
     params = augment.draw_augment(2 * n, framework, ("x1", "x2"), 64)
     for half, view in enumerate(("x1", "x2")):
-        recipe = augment.RECIPES[framework][view]
+        recipe = augment.VIEW_RECIPES[framework][view]
         for name, p in (("grey", 0.2), ("blur", recipe.blur), ("solarize", recipe.solarize)):
             rate = params[name][half * n:(half + 1) * n].float().mean().item()
             assert abs(rate - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-9, (view, name)
@@ -1632,14 +1650,14 @@ def test_multi_view_transform_output_shapes(framework, num_crops):
 
 
 def test_multi_view_transform_only_crops_and_flips_with_the_recipes_scales():
-    """The loader's views are RandomResizedCrop (each view's scale from augment.RECIPES) + flip on the uint8 tensor:
-    nothing photometric, no float conversion; a constant image (PIL or tensor) stays exactly that colour."""
+    """The loader's views are RandomResizedCrop (each view's scale from augment.VIEW_RECIPES) + flip on the uint8
+    tensor: nothing photometric, no float conversion; a constant image (PIL or tensor) stays exactly that colour."""
     for framework in ("moco", "byol"):
         views = data.MultiViewTransform(framework, 64, 32, 4)
         for view, name in ((views.view1, "x1"), (views.view2, "x2"), (views.small, "crops")):
             kinds = [type(t) for t in view.transforms]
             assert kinds == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
-            assert view.transforms[0].scale == augment.RECIPES[framework][name].scale
+            assert view.transforms[0].scale == augment.VIEW_RECIPES[framework][name].scale
     colour = torch.tensor([[200], [10], [99]], dtype=torch.uint8)
     for image in (Image.new("RGB", (80, 70), (200, 10, 99)), colour[:, :, None].expand(3, 70, 80)):
         x1, x2, crops = data.MultiViewTransform("byol", 64, 32, 4)(image)
@@ -1702,10 +1720,10 @@ def test_tensor_views_of_real_cifar_match_the_pil_loader(tmp_path):
 
 
 def test_recipes_moco_views_alike_byol_views_asymmetric():
-    """augment.RECIPES: MoCo-v2's global views share scale (0.2, 1), blur 0.5, no solarize; BYOL's are (0.08, 1)
+    """augment.VIEW_RECIPES: MoCo-v2's global views share scale (0.2, 1), blur 0.5, no solarize; BYOL's are (0.08, 1)
     with blur 1.0 / 0.1 and solarize 0 / 0.2; crops (0.1, 0.6), blur 0.5. Jitter MoCo (.4, .4, .4, .1), BYOL
     (.4, .4, .2, .1)."""
-    moco, byol = augment.RECIPES["moco"], augment.RECIPES["byol"]
+    moco, byol = augment.VIEW_RECIPES["moco"], augment.VIEW_RECIPES["byol"]
     assert moco["x1"] == moco["x2"] == ((0.2, 1.0), 0.5, 0.0)
     assert (byol["x1"], byol["x2"]) == (((0.08, 1.0), 1.0, 0.0), ((0.08, 1.0), 0.1, 0.2))
     assert moco["crops"] == byol["crops"] == ((0.1, 0.6), 0.5, 0.0)
