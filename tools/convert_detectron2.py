@@ -1,6 +1,6 @@
 """Convert a MosRep backbone into detectron2's checkpoint format:
 
-    python detection/convert_detectron2.py runs/byol/backbone.pth runs/byol/backbone_d2.pkl
+    python tools/convert_detectron2.py runs/byol/backbone.pth runs/byol/backbone_d2.pkl
 
 The input is a backbone.pth (torchvision ResNet keys) or a train.py checkpoint.pth. The output is a pickle of
 {"model": {detectron2 key: numpy array}, "__author__": "MosRep", "matching_heuristics": True}, the layout
@@ -13,7 +13,7 @@ import pickle
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: its modules
 from models import read_checkpoint  # noqa: E402
 
 # torchvision name -> detectron2 name, applied in order to each key (fc.* is dropped before).

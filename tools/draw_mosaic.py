@@ -1,6 +1,6 @@
 """Draw a few jittered MosRep mosaics with their boxes, as in the README's figure:
 
-    python docs/draw_mosaic.py --data data/cifar10-jpg/test --crop-size 112 --out docs/mosaic.png
+    python tools/draw_mosaic.py --data data/cifar10-jpg/test --crop-size 112 --out docs/mosaic.png
 
 Without --data, striped synthetic images (a distinct colour each) show the grouping.
 """
@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: its modules
 from mosaic import default_jitter, make_mosaic  # noqa: E402
 
 

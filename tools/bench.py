@@ -12,9 +12,9 @@ two+flatten, mosaic+cutmix...: flatten adds no pass, cutmix (MoCo) adds an onlin
 over x2m (U + 4). --compile adds mosaic+compile (train.py --compile). Then, per framework x view mode, the aten ops
 of one step after the warm-up (a TorchDispatchMode counter; the host's work per step, one launch each on a GPU),
 split into optimizer, augment, ema and the rest: the OPS lines (--ops-only: just those). After the table: the
-loader's JPEGs per worker-second at the paper's geometry: the LOADER line, for train.py's loader (torchvision.io
-decode, crop and flip on the uint8 tensor) beside the PIL loader it replaced (PIL decode, crop and flip) and the full
-CPU recipe (the loader before augment.py). --transfer times eval_transfer.py's sweep instead (the TRANSFER line).
+JPEGs per worker-second of train.py's loader (torchvision.io decode, crop and flip on the uint8 tensor) at the
+paper's geometry: the LOADER line (--loader-only: just that). --transfer times eval_transfer.py's sweep instead (the
+TRANSFER line).
 On a CPU shared with other jobs, OMP_NUM_THREADS=1 gives steadier, often faster, timings.
 """
 import argparse
@@ -36,14 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
-from torchvision.transforms import v2
 
-import augment
-import data
-import eval_transfer
-import models
-import train
-from mosaic import default_jitter, make_mosaic
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: its modules
+import augment  # noqa: E402
+import data  # noqa: E402
+import eval_transfer  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+from mosaic import default_jitter, make_mosaic  # noqa: E402
 
 MODES = ("two", "multicrop", "mosaic")
 UNITS = {"byol": {"two": 8, "multicrop": 11, "mosaic": 11}, "moco": {"two": 4, "multicrop": 7, "mosaic": 7}}
@@ -75,12 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed rounds before them")
     p.add_argument("--framework", choices=("moco", "byol", "both"), default="both")
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype")
-    p.add_argument("--data", help="ImageFolder root: time the data pipeline on its JPEGs (decode included); "
-                   "default: synthetic PIL images of --image-size")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers to project the data rate "
-                   "to (default: CPU count)")
+    p.add_argument("--data", help="ImageFolder root: the LOADER line times its first 48 JPEGs (default: 48 "
+                   "photo-like 500x375 JPEGs)")
     p.add_argument("--supervised", action="store_true", help="also time a supervised ResNet step (the ceiling)")
-    p.add_argument("--loader-only", action="store_true", help="only the LOADER comparison (about a minute)")
+    p.add_argument("--loader-only", action="store_true", help="only the LOADER line (about a minute)")
     p.add_argument("--transfer", type=int, nargs=3, metavar=("N", "D", "K"), help="only time eval_transfer.py's "
                    "45-lambda sweep + refit on N x D synthetic features of K classes (the goal: 50000 2048 10)")
     p.add_argument("--ops-only", action="store_true", help="only the OPS counts (one warm-up step and one counted)")
@@ -90,9 +88,7 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: --device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                  "use --device cpu")
-    for key, value in DEFAULTS[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    vars(args).update({key: value for key, value in DEFAULTS[args.device].items() if getattr(args, key) is None})
     if args.jitter is None and args.crops > 0:
         args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     if math.isqrt(args.crops) ** 2 != args.crops or args.batch_size < args.crops or args.warmup < 0 or args.steps < 1:
@@ -102,12 +98,12 @@ def parse_args(argv=None):
 
 
 def timed(device, fn):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    """Seconds of fn(), the device's queued work included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
 
 
@@ -198,16 +194,14 @@ def count_ops(framework, views, args, device) -> dict:
 
 
 def ops_lines(args, device, framework_names):
-    """Print the op counts per framework x view mode; return their OPS lines."""
+    """The OPS line of each framework x view mode: the aten ops of one step and their split into optimizer,
+    augment, ema and the rest (forward, backward, losses, mosaic)."""
     lines = []
     for framework in framework_names:
         for views in MODES:
-            n = count_ops(framework, views, args, device)
-            print(f"  ops {framework} {views}: {n['step']} per step = optimizer {n.get('optimizer', 0)} + augment "
-                  f"{n.get('augment', 0)} + ema {n.get('ema', 0)} + the rest (forward, backward, losses, mosaic) "
-                  f"{n.get('rest', 0)}")
-            lines.append(f"OPS framework={framework} views={views} step={n['step']} optimizer={n.get('optimizer', 0)} "
-                         f"augment={n.get('augment', 0)}")
+            n = collections.Counter(count_ops(framework, views, args, device))   # a section without ops: 0
+            lines.append(f"OPS framework={framework} views={views} step={n['step']} optimizer={n['optimizer']} "
+                         f"augment={n['augment']} ema={n['ema']} rest={n['rest']}")
     return lines
 
 
@@ -231,16 +225,6 @@ def bench_framework(framework, args, device, sup_step=None):
     # One more, untimed round for peak memory (its reset would slow a timed step).
     memory = {mode: peak_memory(device, run) for mode, run in runs.items()}
     return {mode: statistics.median(t) for mode, t in times.items()}, memory
-
-
-def loader_line(args):
-    """Run bench_loader, print where its JPEGs came from, return the LOADER line: JPEGs per worker-second of the full
-    CPU recipe, of train.py's loader and of the PIL loader, and train.py's loader's speedup over each."""
-    rates, source = bench_loader(args)
-    print(f"# loader at the paper's geometry: 2 views of 224 px + 4 crops of 112 px, BYOL recipe, one thread; {source}")
-    full, loader, pil = rates["full"], rates["loader"], rates["pil"]
-    return (f"LOADER full_recipe={full:.1f} loader={loader:.1f} speedup={loader / full:.2f} pil_loader={pil:.1f} "
-            f"over_pil={loader / pil:.2f}")
 
 
 def time_parts(framework, args, device):
@@ -276,35 +260,17 @@ def supervised_step(args, device):
     return step
 
 
-def bench_data(framework, args, num_crops, images):
-    """Images/s of one loader worker (main process, one thread) making 2 + num_crops uint8 views per image."""
-    return loader_rate(data.MultiViewTransform(framework, args.image_size, args.crop_size, num_crops), images)
-
-
-def loader_rate(transform, images):
-    """Images per second of one thread applying transform to each image (a PIL image, or a callable that
-    decodes one), in one pass: what one DataLoader worker sustains."""
+def loader_rate(transform, paths):
+    """JPEGs per second of one thread decoding each path (data.load_image) and applying transform, in one pass: what
+    one DataLoader worker sustains."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as in a DataLoader worker
     start = time.perf_counter()
-    for image in images:
-        transform(image() if callable(image) else image)
+    for path in paths:
+        transform(data.load_image(path))
     seconds = time.perf_counter() - start
     torch.set_num_threads(threads)
-    return len(images) / seconds
-
-
-def full_recipe_view(framework, size, recipe):
-    """The whole view recipe in the worker with PIL, as the loader ran it before augment.py moved the photometric
-    half to the device: the reference that the LOADER line compares against."""
-    steps = [v2.RandomResizedCrop(size, scale=recipe.scale, antialias=True), v2.RandomHorizontalFlip(),
-             v2.RandomApply([v2.ColorJitter(*augment.COLOUR_JITTER[framework])], p=0.8), v2.RandomGrayscale(p=0.2)]
-    if recipe.blur > 0 and size >= 64:
-        steps.append(v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=recipe.blur))
-    if recipe.solarize > 0:
-        steps.append(v2.RandomSolarize(threshold=128, p=recipe.solarize))
-    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(augment.MEAN,
-                                                                                               augment.STD)])
+    return len(paths) / seconds
 
 
 def photo_like_jpegs(folder, count=48, size=(500, 375)):
@@ -319,46 +285,21 @@ def photo_like_jpegs(folder, count=48, size=(500, 375)):
     return paths
 
 
-def pil_loader_views(framework, size, crop_size, num_crops):
-    """The PIL loader that data.load_image and the tensor crops replaced: PIL image -> RandomResizedCrop + flip on
-    PIL -> PILToTensor, for x1, x2 and the crops: the reference for the LOADER line's over_pil."""
-    recipe = augment.VIEW_RECIPES[framework]
-    x1, x2, crop = (v2.Compose([v2.RandomResizedCrop(side, scale=recipe[name].scale, antialias=True),
-                                v2.RandomHorizontalFlip(), v2.PILToTensor()])
-                    for side, name in ((size, "x1"), (size, "x2"), (crop_size, "crops")))
-
-    def views(image):
-        crops = torch.stack([crop(image) for _ in range(num_crops)])   # first, as MultiViewTransform draws them
-        return x1(image), x2(image), crops
-    return views
-
-
-def bench_loader(args, framework="byol", rounds=3):
-    """JPEGs per worker-second at the paper's geometry (2 views of 224 px + 4 crops of 112 px), decode included,
-    for the full CPU recipe, train.py's loader (data.load_image + data.MultiViewTransform) and the PIL loader it
-    replaced, on --data's JPEGs or on ImageNet-sized ones made in a temporary folder. The three take turns, `rounds`
-    passes each, the best pass kept, so that a busy machine slows them alike.
-    Returns ({"full": img/s, "loader": img/s, "pil": img/s}, source)."""
-    recipe = augment.VIEW_RECIPES[framework]
-    full_views = [full_recipe_view(framework, 224, recipe[v]) for v in ("x1", "x2")]
-    full_crop = full_recipe_view(framework, 112, recipe["crops"])
-    full = lambda image: [view(image) for view in full_views] + [full_crop(image) for _ in range(4)]
+def loader_line(args, framework="byol", rounds=3):
+    """The LOADER line: JPEGs per worker-second of train.py's loader (data.load_image + data.MultiViewTransform) at
+    the paper's geometry (2 views of 224 px + 4 crops of 112 px), decode included, the best of `rounds` passes, on
+    --data's JPEGs or on ImageNet-sized ones made in a temporary folder; prints where the JPEGs came from."""
     with tempfile.TemporaryDirectory() as folder:
         if args.data:
             paths = [path for path, _ in data.build_dataset("imagefolder", args.data, True, None).samples[:48]]
         else:
             paths = photo_like_jpegs(folder)
         kilobytes = statistics.mean(os.path.getsize(path) for path in paths) / 1024
-        pil_images = [lambda path=path: Image.open(path).convert("RGB") for path in paths]
-        tensor_images = [lambda path=path: data.load_image(path) for path in paths]
-        runs = {"full": (full, pil_images), "loader": (data.MultiViewTransform(framework, 224, 112, 4), tensor_images),
-                "pil": (pil_loader_views(framework, 224, 112, 4), pil_images)}
-        rates = {name: 0.0 for name in runs}
-        for _ in range(rounds):
-            for name, (transform, images) in runs.items():
-                rates[name] = max(rates[name], loader_rate(transform, images))
-    source = f"{len(paths)} JPEGs of {kilobytes:.0f} kB from {args.data or 'photo_like_jpegs (500x375)'}"
-    return rates, source
+        transform = data.MultiViewTransform(framework, 224, 112, 4)
+        rate = max(loader_rate(transform, paths) for _ in range(rounds))
+    print(f"# loader at the paper's geometry: 2 views of 224 px + 4 crops of 112 px, BYOL recipe, one thread; "
+          f"{len(paths)} JPEGs of {kilobytes:.0f} kB from {args.data or 'photo_like_jpegs (500x375)'}")
+    return f"LOADER loader={rate:.1f}"
 
 
 def bench_transfer(num_features, dim, num_classes, device):
@@ -402,14 +343,7 @@ def main():
     if args.loader_only or args.ops_only:
         print(loader_line(args) if args.loader_only else "\n".join(ops_lines(args, device, frameworks)))
         return
-    B, M, S = args.batch_size, args.crops, args.image_size
-    rng = np.random.default_rng(0)
-    if args.data:   # callables, so that the JPEG decode is timed too
-        folder = data.build_dataset("imagefolder", args.data, True, None)
-        picks = rng.choice(len(folder), size=min(max(64, 2 * B), len(folder)), replace=False)
-        images = [lambda i=int(i): folder[i][0] for i in picks]
-    else:
-        images = [Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8)) for _ in range(max(64, 2 * B))]
+    B, M = args.batch_size, args.crops
     sup_step = supervised_step(args, device) if args.supervised else None
     header = (f"{'framework':<11}{'views':<16}{'step ms':>9}{'img/s':>9}{'mem MiB':>9}{'x two':>7}{'U':>4}"
               f"{'ideal':>7}{'effic.':>8}")
@@ -423,11 +357,6 @@ def main():
         print(f"  of which the device augmentation (2 views + {M} crops from uint8, 2 calls): {colour * 1e3:.1f} ms = "
               f"{100 * colour / step['mosaic']:.1f} % of the mosaic step; make_mosaic {build * 1e3:.2f} ms = "
               f"{100 * build / step['mosaic']:.1f} %")
-        rate_two, rate_all = bench_data(framework, args, 0, images), bench_data(framework, args, M, images)
-        print(f"  data ({'JPEGs in ' + args.data if args.data else 'synthetic PIL, no decode'}): {rate_all:.0f} img/s "
-              f"per worker with 2+{M} views ({rate_two:.0f} with 2 views); x {args.workers} workers = "
-              f"{rate_all * args.workers:.0f} img/s; the mosaic step takes {B / step['mosaic']:.0f} img/s, so "
-              f">= {math.ceil(B / step['mosaic'] / rate_all)} worker(s)")
         ideal = UNITS[framework]["mosaic"] / UNITS[framework]["two"]
         summary.append(f"RATIO framework={framework} multicrop/two={step['multicrop'] / step['two']:.2f} "
                        f"mosaic/two={step['mosaic'] / step['two']:.2f} ideal={ideal:g}")

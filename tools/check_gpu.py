@@ -1,12 +1,12 @@
 """Check a GPU machine end to end in one command, within a time budget, and write one markdown report.
 
-    python check_gpu.py --minutes 8          # the default; report in runs/check_gpu/report.md
-    python check_gpu.py --dry-run            # the plan, every command checked to parse; runs nothing, needs no GPU
+    python tools/check_gpu.py --minutes 8    # the default; report in runs/check_gpu/report.md
+    python tools/check_gpu.py --dry-run      # the plan, every command checked to parse; runs nothing, needs no GPU
 
 The plan (`plan()`) is a table of plain commands in four stages: the environment; correctness on CUDA; bench.py at
-the paper's geometry; with the minutes left, cifar_table.py's view modes on CIFAR-10. They run one after another: a
-step that would overrun the time left is skipped, a step gets the time left as its timeout, a failed one is reported
-with the end of its log (kept beside the report as <step>.log) and the next one runs.
+the paper's geometry; with the minutes left, cifar_table.py's view modes on CIFAR-10. They run one after another, from
+the repository root: a step that would overrun the time left is skipped, a step gets the time left as its timeout, a
+failed one is reported with the end of its log (kept beside the report as <step>.log) and the next one runs.
 """
 import argparse
 import collections
@@ -27,10 +27,11 @@ import time
 
 import torch
 
-import cifar_table
-from cifar_table import FRAMEWORK, RECIPE   # the README's CIFAR recipe, per framework
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where every step runs
+sys.path.insert(0, ROOT)   # the repository root: the dry run runs its scripts (train.py, ...) in this process
+import cifar_table  # noqa: E402
+from cifar_table import FRAMEWORK, RECIPE  # noqa: E402  (the README's CIFAR recipe, per framework)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 VIEWS = ("two", "multicrop", "mosaic")
 STAGES = {"1": "Environment", "2": "Correctness on CUDA", "3": "Speed at the paper's geometry",
@@ -40,8 +41,8 @@ STAGES = {"1": "Environment", "2": "Correctness on CUDA", "3": "Speed at the pap
 TINY = ["--dataset", "fake", "--fake-size", "768", *RECIPE, "--epochs", "10", "--log-every", "1", "--workers", "2",
         "--seed", "0"]
 PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "test_mosrep.py", "-k", "on_cuda"]
-BENCH = ["bench.py", "--device", "cuda", "--supervised", "--arch", "resnet50", "--image-size", "224", "--crop-size",
-         "112", "--batch-size", "128", "--amp", "bf16"]
+BENCH = ["tools/bench.py", "--device", "cuda", "--supervised", "--arch", "resnet50", "--image-size", "224",
+         "--crop-size", "112", "--batch-size", "128", "--amp", "bf16"]
 CIFAR_NEED_S = 240     # stage 4: cifar_table's calibration, then three runs of an epoch and their k-NN, at least
 RESERVE_S = 5          # seconds kept back from the budget for writing the report
 
@@ -98,8 +99,9 @@ def plan(args):
 
 def cifar_step(args, framework, minutes):
     """Stage 4's cifar_table.py run of one framework's three view modes and their k-NN, fit in `minutes`."""
-    argv = [PY, "cifar_table.py", "--data", args.data, "--out", os.path.join(args.out, "outputs", f"cifar-{framework}"),
-            "--minutes", f"{minutes:.1f}", "--runs", *[f"{framework}-{v}" for v in VIEWS], "--probe-epochs", "0"]
+    argv = [PY, "tools/cifar_table.py", "--data", args.data, "--out",
+            os.path.join(args.out, "outputs", f"cifar-{framework}"), "--minutes", f"{minutes:.1f}", "--runs",
+            *[f"{framework}-{v}" for v in VIEWS], "--probe-epochs", "0"]
     return Step("4", f"cifar-{framework}", CIFAR_NEED_S, argv, last_line)
 
 
@@ -175,20 +177,20 @@ def bench_answer(text, cores, gpus):
     """bench.py's output -> (summary, markdown): its table, and whether the loader feeds the GPU. A GPU takes the img/s
     of a mosaic step (train.py's step, the device augmentation included); one loader worker makes the 2 + 4 views of
     the LOADER line's img/s (JPEGs per worker-second of train.py's loader); one core stays with the training."""
-    rows = {row[1]: (float(row[2]), float(row[3])) for row in re.finditer(r"^(byol|moco)\s+mosaic\s+([\d.]+)\s+([\d.]+)",
-                                                                          text, re.M)}   # (step ms, img/s)
-    loader = re.search(r"^LOADER full_recipe=([\d.]+) loader=([\d.]+)", text, re.M)
-    if not rows or not loader or float(loader[2]) <= 0:
+    rows = {row[1]: (float(row[2]), float(row[3]))   # (step ms, img/s)
+            for row in re.finditer(r"^(byol|moco)\s+mosaic\s+([\d.]+)\s+([\d.]+)", text, re.M)}
+    loader = re.search(r"^LOADER loader=([\d.]+)", text, re.M)
+    if not rows or not loader or float(loader[1]) <= 0:
         raise CheckFailed("no mosaic row or no LOADER line in bench.py's output")
-    lines, needs, rate = [f"```\n{text[text.find('# device'):].strip()}\n```", ""], [], float(loader[2])
+    lines, needs, rate = [f"```\n{text[text.find('# device'):].strip()}\n```", ""], [], float(loader[1])
     for framework, (step_ms, ips) in sorted(rows.items()):
         needs.append(math.ceil(ips / rate))
         lines.append(f"- {framework} + mosaic takes {ips:.0f} img/s per GPU (step {step_ms:.1f} ms, device "
                      f"augmentation included): **{needs[-1]} worker core(s) per GPU**")
     feeds = "yes" if max(needs) <= cores // gpus - 1 else "no"
     return f"loader feeds the GPU: {feeds} (needs {max(needs)} cores per GPU)", "\n".join(lines + [
-        f"\nOne loader worker makes {rate:.0f} img/s (the full CPU recipe: {loader[1]} img/s). Does the loader feed "
-        f"the GPU? **{feeds}**: one more core per GPU for the training process; {cores} cores for {gpus} GPU(s)."])
+        f"\nOne loader worker makes {rate:.0f} img/s. Does the loader feed the GPU? **{feeds}**: one more core per "
+        f"GPU for the training process; {cores} cores for {gpus} GPU(s)."])
 
 
 def bench_verdict(log_path):
@@ -222,7 +224,7 @@ class Runner:
         with open(log_path, "w") as log:
             log.write(f"$ {shown(step)}\n\n")
             log.flush()   # its own session, so that its whole process group can be stopped
-            process = subprocess.Popen(step.argv, cwd=HERE, stdout=log, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(step.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **step.env})
         try:
             code = process.wait(timeout=left)
@@ -256,7 +258,7 @@ def write_report(runner):
     """Rewrite <out>/report.md from the results so far (a check cut short still leaves its report)."""
     args, results = runner.args, runner.results
     counts = {s: sum(r["status"] == s for r in results) for s in ("passed", "FAILED", "timed out", "skipped")}
-    lines = ["# GPU check report", "", f"`{getattr(args, 'command', 'python check_gpu.py')}`, "
+    lines = ["# GPU check report", "", f"`{getattr(args, 'command', 'python tools/check_gpu.py')}`, "
              f"{time.strftime('%Y-%m-%d %H:%M')}: used {(time.monotonic() - runner.started) / 60:.1f} of "
              f"{args.minutes:g} min; " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".", "",
              "| stage | step | result | s | summary |", "|---|---|---|---|---|"]
@@ -285,7 +287,7 @@ def check_command(argv, env=()) -> tuple:
     """(ok, message): does a command of the plan parse? pytest collects its tests (it runs none); the other scripts
     run here up to their first parse_args, which parses their flags and stops them; so do cifar_table.py's own."""
     if argv[1:3] == ("-m", "pytest"):
-        result = subprocess.run([*argv, "--collect-only"], cwd=HERE, capture_output=True, text=True, timeout=300,
+        result = subprocess.run([*argv, "--collect-only"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                                 env={**os.environ, **dict(env)})
         counted = re.search(r"(\d+)(?:/\d+)? tests? collected", result.stdout)
         if result.returncode == 0 and counted:
@@ -301,14 +303,14 @@ def check_command(argv, env=()) -> tuple:
         raise Parsed
     with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
         try:
-            if argv[1] == "cifar_table.py":
+            if argv[1] == "tools/cifar_table.py":
                 table = cifar_table.parse_args(list(argv[2:]))
                 commands += [c[1:] for run in table.runs for c in cifar_table.commands(table, run, table.seeds[0])[1]]
             argparse.ArgumentParser.parse_args = parse_then_stop
             for command in commands:
                 script = next(word for word in command if word.endswith(".py"))   # after torchrun's own flags
                 with contextlib.suppress(Parsed):
-                    runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+                    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
                     raise SystemExit(f"{script} never parsed its flags")
                 parsed.append(script)
         except SystemExit as error:
@@ -322,7 +324,7 @@ def check_command(argv, env=()) -> tuple:
 def dry_run(args) -> int:
     """Print the plan, every command with whether it parses; 0 when all do, else 1 with a one-line error."""
     steps, failures = plan(args) + [cifar_step(args, f, args.minutes) for f in ("moco", "byol")], []
-    print(f"check_gpu.py plan, budget {args.minutes:g} min, report in {args.out}: each command parsed, none run.")
+    print(f"tools/check_gpu.py plan, budget {args.minutes:g} min, report in {args.out}: each command parsed, none run.")
     for i, step in enumerate(steps):
         if i == 0 or step.stage[0] != steps[i - 1].stage[0]:
             print(f"\n{step.stage[0]}. {STAGES[step.stage[0]]}" + (
@@ -333,7 +335,7 @@ def dry_run(args) -> int:
         print(f"   [{step.stage}] {step.name}\n      $ {shown(step)}\n      {'ok' if ok else 'FAILS'}: {message}")
     if failures:
         print(f"error: {len(failures)} of {len(steps)} commands do not parse ({', '.join(failures)}); fix them in "
-              f"check_gpu.py", file=sys.stderr)
+              f"tools/check_gpu.py", file=sys.stderr)
         return 1
     print(f"\ndry run: all {len(steps)} commands parse")
     return 0
@@ -355,18 +357,18 @@ def build_parser():
 def repo_path(path: str) -> str:
     """A user's path as seen from the repository root, where every step runs (absolute when outside it)."""
     absolute = os.path.abspath(path)
-    return os.path.relpath(absolute, HERE) if absolute.startswith(HERE + os.sep) else absolute
+    return os.path.relpath(absolute, ROOT) if absolute.startswith(ROOT + os.sep) else absolute
 
 
 def main(argv=None) -> int:
     """Stages 1 to 4 within the budget (or the dry run); 0 when no step failed or timed out."""
     args = build_parser().parse_args(argv)
-    args.command = "python check_gpu.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = "python tools/check_gpu.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.minutes <= 0:
         raise SystemExit(f"error: --minutes {args.minutes:g} must be positive")
-    args.out, args.data = repo_path(args.out), repo_path(args.data or os.path.join(HERE, "data", "cifar10-jpg"))
+    args.out, args.data = repo_path(args.out), repo_path(args.data or os.path.join(ROOT, "data", "cifar10-jpg"))
     args.nproc = args.nproc or max(1, torch.cuda.device_count())
-    os.chdir(HERE)
+    os.chdir(ROOT)
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():

@@ -2,12 +2,13 @@
 without jitter, same budget and seed, then k-NN (k = 1, 5, 20, 200) and the cached linear probe on
 the test split. Writes <out>/table.md and <out>/table.json, both rewritten after each run.
 
-    python cifar_table.py --data data/cifar10-jpg --epochs 200              # the full table (GPU)
-    python cifar_table.py --data tiny/cifar10-jpg --max-steps 2 --batch-size 64 --probe-epochs 2  # smoke run
-    python cifar_table.py --data data/cifar10-jpg --minutes 30 --runs moco-two moco-mosaic --probe-epochs 0
+    python tools/cifar_table.py --data data/cifar10-jpg --epochs 200        # the full table (GPU)
+    python tools/cifar_table.py --data tiny/cifar10-jpg --max-steps 2 --batch-size 64 --probe-epochs 2  # smoke run
+    python tools/cifar_table.py --data data/cifar10-jpg --minutes 30 --runs moco-two moco-mosaic --probe-epochs 0
 
 Each run is a plain call of train.py, eval_knn.py and eval_linear.py (under torchrun with --nproc > 1),
-exactly as a user would type them; the commands are printed and kept in the JSON.
+exactly as a user would type them at the repository root, where this runs; the commands are printed and kept in the
+JSON.
 """
 import argparse
 import json
@@ -20,7 +21,8 @@ import time
 
 import torch
 
-from mosaic import default_jitter
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root: its modules
+from mosaic import default_jitter  # noqa: E402
 
 # The CIFAR recipe [ours]: ResNet-18 with the cifar stem, 32 px views, 16 px crops (train.py's default jitter
 # for a 32 px mosaic, 48/224 of it, is 7 px), batch 256. Per framework, what differs from the ImageNet defaults.
