@@ -3392,20 +3392,21 @@ def test_the_device_switch_defaults_to_cpu_and_names_the_device_in_the_test_id(d
 # README
 # ==================================================================================================
 
-def test_readme_code_links_land_in_the_functions_they_name():
-    """Every `file.py:N` link of the README's "Reading the code" table lies inside the function or class it names."""
+def test_readme_code_links_name_functions_that_exist_in_their_files():
+    """Every "[`file.py`](file.py) `name`" link of the README names a function, class or Class.method defined in that
+    file, and every file the README links exists: links name code, not line numbers, so edits don't move them."""
     with open(os.path.join(HERE, "README.md")) as file:
-        links = re.findall(r"\[`(\w+\.py):(\d+)`\]\(\1#L\2\) `([\w.]+)`", file.read())
-    assert len(links) >= 15
-    for path, line, name in links:
+        readme = file.read()
+    links = re.findall(r"\[`([\w/]+\.py)`\]\(\1\) `([\w.]+)`", readme)
+    assert len(links) >= 15 and not re.search(r"\.py:\d+|#L\d+", readme)
+    for path, name in links:
         with open(os.path.join(HERE, path)) as file:
             tree = ast.parse(file.read())
-        spans = {}
+        names = set()
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                spans[node.name] = (node.lineno, node.end_lineno)
-                for inner in getattr(node, "body", []):
-                    if isinstance(inner, ast.FunctionDef):
-                        spans[f"{node.name}.{inner.name}"] = (inner.lineno, inner.end_lineno)
-        start, end = spans[name]
-        assert start <= int(line) <= end, (path, line, name)
+                names.add(node.name)
+                names.update(f"{node.name}.{inner.name}" for inner in node.body if isinstance(inner, ast.FunctionDef))
+        assert name in names, (path, name)
+    for target in re.findall(r"\]\(([\w/.-]+\.(?:py|md|txt|png|sbatch))[)#]", readme):
+        assert os.path.exists(os.path.join(HERE, target)), target
