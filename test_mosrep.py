@@ -982,6 +982,22 @@ def test_box_means_of_a_box_on_whole_cells_is_the_plain_mean_of_those_cells():
     assert inside.item() == (1 + 4) / 2 and outside.item() == (0 + 2 + 3 + 5) / 4
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_box_means_is_exact_in_fp32_under_fp16_autocast(dtype, device):
+    """Under fp16 autocast (train.py --amp fp16, cutmix's embed_boxes), box_means still sums in fp32: its output is
+    the fp32 result without autocast, cast to the map's dtype, bit for bit, at the paper's geometry (7x7 cells of
+    stride 32, so up to 1,024 px per cell) with features of a few units, whose box sums pass fp16's 65,504 (inf)."""
+    torch.manual_seed(0)
+    feature_map = (4 + torch.randn(8, 16, 7, 7)).to(device, dtype)
+    boxes = mixture.random_boxes(8, 224, 224, 0.25, 0.75, device)
+    expected = [m.to(dtype) for m in mixture.box_means(feature_map.float(), boxes, 32)]
+    with torch.autocast(device.type, dtype=torch.float16):
+        got = mixture.box_means(feature_map, boxes, 32)
+    for mean, want in zip(got, expected):
+        assert mean.dtype == dtype and torch.isfinite(mean).all()
+        assert torch.equal(mean, want)
 # ==================================================================================================
 # models.py
 # ==================================================================================================
