@@ -1205,6 +1205,23 @@ def test_save_checkpoint_writes_learner_backbone_args_and_state(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["backbone.pth", "checkpoint.pth"]
 
 
+def test_backbone_pth_holds_cpu_tensors_that_a_bare_torch_load_gives_to_torchvision(tmp_path, device):
+    """With the learner on the device (a GPU under MOSREP_TEST_DEVICE=cuda), every tensor that save_checkpoint writes
+    is on the CPU: backbone.pth loads with a bare torch.load into torchvision.models.resnet50() (only fc.* missing) on
+    a machine without that GPU; in checkpoint.pth the backbone's tensors share the learner's storage (saved once)."""
+    learner = models.MoCo("resnet50", "imagenet", queue_size=16).to(device)
+    models.save_checkpoint(str(tmp_path), learner, {"arch": "resnet50"}, step=1)
+    state = torch.load(tmp_path / "backbone.pth")
+    result = torchvision.models.resnet50().load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+    checkpoint = torch.load(tmp_path / "checkpoint.pth")
+    assert {v.device.type for part in (state, *checkpoint.values()) if isinstance(part, dict)
+            for v in part.values() if isinstance(v, torch.Tensor)} == {"cpu"}
+    for key, value in checkpoint["backbone"].items():
+        shared = checkpoint["learner"]["online.trunk." + key]
+        assert value.untyped_storage().data_ptr() == shared.untyped_storage().data_ptr(), key
+
+
 def test_save_checkpoint_on_a_full_disk_keeps_the_previous_files(tmp_path, monkeypatch):
     """save_checkpoint failing mid-write (ENOSPC) raises OSError; previous files byte-identical, no .tmp."""
     learner = _learner("moco", queue_size=16)
