@@ -1821,6 +1821,49 @@ def _class_folders(root, classes, count=1):
             Image.new("RGB", (4, 4), (10 * i, 0, 0)).save(root / c / f"{i}.png")
 
 
+STAND_IN_DOWNLOAD = """
+import os, sys, time
+sys.path.insert(0, {here!r})
+import torch.distributed, torchvision, data, runtime
+root, rank = sys.argv[1], os.environ["RANK"]
+def note(*words):
+    with open(os.path.join(root, "log"), "a") as log:
+        log.write(" ".join(map(str, words)) + "\\n")
+class StandIn:   # torchvision's CIFAR10 with download=True: download unless the files are there, then read them
+    def __init__(self, root, train, transform, download):
+        files = os.path.join(root, "cifar-10-batches-py")
+        if download and not os.path.isdir(files):
+            note("download", rank, time.time())
+            time.sleep(2)
+            os.makedirs(files)
+            note("downloaded", rank, time.time())
+        note("loaded", rank, time.time(), os.path.isdir(files))
+torchvision.datasets.CIFAR10 = StandIn
+with runtime.distributed():
+    torch.distributed.barrier()   # both ranks ask for the dataset at the same moment
+    note("asks", rank, time.time())
+    data.build_dataset("cifar10", root, True, None)
+"""
+
+
+def test_a_download_happens_once_per_machine_while_the_other_ranks_wait(tmp_path):
+    """Under torchrun --nproc_per_node 2 (gloo), both ranks asking data.build_dataset for a torchvision dataset at
+    the same moment: one rank downloads (a 2 s stand-in), the other waits for it, then finds the files and
+    downloads nothing."""
+    script, root = tmp_path / "download.py", tmp_path / "data"
+    script.write_text(STAND_IN_DOWNLOAD.format(here=HERE))
+    os.makedirs(root)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             str(script), str(root)], cwd=HERE, capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [line.split() for line in (root / "log").read_text().splitlines()]
+    (_, downloader, began), (_, _, ended) = [e for e in events if e[0].startswith("download")]
+    other = "1" if downloader == "0" else "0"
+    asked, loaded = (float(e[2]) for e in events if e[1] == other and e[0] in ("asks", "loaded"))
+    assert asked < float(began) + 1 and loaded >= float(ended)   # it asked during the download and waited for it
+    assert sorted(e[3] for e in events if e[0] == "loaded") == ["True", "True"]
+
+
 def test_build_splits_finds_val_beside_data_and_checks_classes(tmp_path):
     """build_splits finds val/ or test/ beside --data; other classes or no val split: one-line ValueError."""
     _class_folders(tmp_path / "train", ["a", "b"], count=2)
@@ -2633,9 +2676,10 @@ SPLIT_ARGUMENTS = {
     "cars": ("StanfordCars", [{"split": "train", "download": False}, {"split": "test", "download": False}])}
 
 
-def test_each_dataset_builds_its_torchvision_class_with_the_papers_splits(monkeypatch):
+def test_each_dataset_builds_its_torchvision_class_with_the_papers_splits(monkeypatch, tmp_path):
     """Every name builds its torchvision class with the split arguments (downloading into --root, cars excepted);
     flowers102 and dtd bring their official val split, the others none (held out of train)."""
+    monkeypatch.chdir(tmp_path)   # where the download lock makes --root
     for kind, _ in SPLIT_ARGUMENTS.values():
         monkeypatch.setattr(torchvision.datasets, kind, type(kind, (_DatasetRecorder,), {}))
     args, transform = argparse.Namespace(root="somewhere"), object()
