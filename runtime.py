@@ -66,10 +66,10 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a [n, ...] tensor from every process along dim 0, in rank order (no gradient): [n*world, ...]."""
     if world_size() == 1:
         return tensor
-    tensor = tensor.contiguous()   # plain layout: collectives copy raw bytes, channels_last would scramble
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
+    gathered = tensor.new_empty((world_size() * tensor.shape[0], *tensor.shape[1:]))   # written in place: no copy
+    # plain layout: collectives copy raw bytes, channels_last would scramble; newer torch names it all_gather_single
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(gathered, tensor.contiguous())
+    return gathered
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
@@ -2296,6 +2297,35 @@ def test_evaluate_knn_counts_a_repeated_k_once():
     train_y, test_y = torch.randint(0, 3, (30,)), torch.randint(0, 3, (10,))
     twice = evaluate_knn(train_x, train_y, test_x, test_y, [1, 1], 0.07, 3)
     assert twice == evaluate_knn(train_x, train_y, test_x, test_y, [1], 0.07, 3)
+
+
+class _LargeOutputs(TorchDispatchMode):
+    """Records the aten ops that allocate a tensor of at least `numel` elements (views of their inputs excepted)."""
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        storage = lambda tensors: [t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)]
+        given = storage([*args, *(kwargs or {}).values()])
+        self.ops += [str(func) for t in (out if isinstance(out, (tuple, list)) else [out])
+                     if isinstance(t, torch.Tensor) and t.numel() >= self.numel and storage([t])[0] not in given]
+        return out
+
+
+def test_knn_eval_holds_the_train_features_once():
+    """knn_eval makes one tensor the size of the train features [N, C] (extract_features' buffer, filled in place):
+    no concatenated copy, no normalised copy (at ImageNet's 1.28M x 2048 each would be another 10.5 GB per GPU).
+    Sizes chosen so that nothing else (activations of 16 images, a chunk's similarities) is as large."""
+    torch.manual_seed(0)
+    trunk, num_train = models.Trunk("resnet18", "cifar"), 256
+    train_set = TensorDataset(torch.randn(num_train, 3, 8, 8), torch.arange(num_train) % 4)
+    val_set = TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 4)
+    with _LargeOutputs(num_train * trunk.out_channels) as large:
+        results = eval_knn.knn_eval(trunk, train_set, val_set, [1, 20], 0.07, 4, 16, 0, "cpu")
+    assert large.ops == ["aten.zeros.default"], large.ops
+    assert set(results) == {1, 20}
 
 
 def test_extract_features_pooled_in_order_and_bn_untouched():
