@@ -2158,6 +2158,16 @@ def test_schedules_ema_moco_constant_byol_cosine_to_one():
     assert all(a <= b for a, b in zip(emas, emas[1:]))
 
 
+def test_amp_defaults_to_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    """--amp's default: bf16 on GPUs of compute capability 8.0 and later (A100 8.0, RTX 30xx 8.6, H100 9.0), fp16 with
+    train_step's GradScaler on older ones (V100 7.0, T4 7.5: no bf16 tensor cores, torch.cuda.is_bf16_supported()
+    True by emulation), off on the CPU."""
+    for capability, amp in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert train.default_amp(torch.device("cuda", 0)) == amp, capability
+    assert train.default_amp(torch.device("cpu")) == "off"
+
+
 def test_parse_args_recipes_and_default_jitter():
     """parse_args fills the framework's recipe (flags win), BYOL ema 0.996 past 300 epochs, default_jitter."""
     byol = train.parse_args([])

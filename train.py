@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--mix-global-p", type=float, default=0.5, help="flatten: share of images mixed globally")
     p.add_argument("--mix-region-p", type=float, default=0.25, help="flatten: share of images mixed by regions")
     p.add_argument("--mix-weight", type=float, default=0.5, help="cutmix: lambda, the weight of L_mixed")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on CUDA, off on CPU")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="CPU: off; bf16 from compute capability 8, else fp16")
     p.add_argument("--out", default="runs/mosrep", help="folder for checkpoint.pth, backbone.pth, log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pth")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
@@ -129,6 +129,13 @@ def check_args(args, world: int):
         fail(f"cannot make the output folder --out {args.out} ({error.strerror or error}); choose another --out")
 
 
+def default_amp(device: torch.device) -> str:
+    """--amp's default on device: bf16 where the GPU computes it natively (compute capability 8.0 and later: A100,
+    H100, RTX 30xx on), fp16 (with train_step's GradScaler) on older GPUs, off on the CPU. V100 and T4 have fp16
+    tensor cores but no bf16 ones: torch.cuda.is_bf16_supported() says True there, for an emulation."""
+    return "off" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
 def fail(message: str):
     """Stop with a one-line error (exit code 1): bad input is the user's to fix, not a traceback."""
     raise SystemExit(f"error: {message}")
@@ -159,7 +166,7 @@ def main(argv=None) -> int:
 
 def train(args, device, stop_signal: list) -> int:
     """Build, then loop (step, log, epoch end), then finish. Returns 0 when done, 1 when stopped by a signal."""
-    world, rank, amp = runtime.world_size(), runtime.rank(), args.amp or ("bf16" if device.type == "cuda" else "off")
+    world, rank, amp = runtime.world_size(), runtime.rank(), args.amp or default_amp(device)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     views = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, args.crops * (args.views != "two"))
