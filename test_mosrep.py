@@ -3493,6 +3493,23 @@ def test_nccl_all_reduce_gather_all_and_syncbn_on_every_gpu(device):
     torch.multiprocessing.spawn(_nccl_worker, args=(torch.cuda.device_count(), port), nprocs=torch.cuda.device_count())
 
 
+def test_a_byol_mosaic_step_runs_278_syncbn_forwards_of_three_host_syncs_each():
+    """BYOL under DDP on GPUs trains with SyncBatchNorm (train.build_learner). A BYOL + mosaic step on ResNet-50
+    runs it 278 times: the online encoder's 55 BN layers (trunk 53, head 2) on x1, x2 and the mosaic, the
+    predictor's one on each, the target's 55 on x1 and x2. torch's SyncBatchNorm forward indexes with a boolean mask
+    3 times (count_all, mean_all, invstd_all[mask]: empty ranks out), each a host sync on CUDA: 834 per step, the
+    cost docs/performance.md states. Counted on the CPU at world size 1, where SyncBatchNorm runs BatchNorm's code;
+    the 3 read from the installed torch's source."""
+    learner, calls = nn.SyncBatchNorm.convert_sync_batchnorm(models.BYOL("resnet50", "imagenet")), []
+    for module in (module for module in learner.modules() if isinstance(module, nn.SyncBatchNorm)):
+        module.register_forward_hook(lambda *hooked: calls.append(1))
+    torch.manual_seed(0)
+    learner(*torch.randn(2, 4, 3, 32, 32), make_mosaic(torch.randn(4, 4, 3, 16, 16), 0))
+    assert len(calls) == 278
+    masked = re.findall(r"\w+_all\[mask\]", inspect.getsource(torch.nn.modules._functions.SyncBatchNorm.forward))
+    assert masked == ["count_all[mask]", "mean_all[mask]", "invstd_all[mask]"]
+
+
 def test_the_device_switch_defaults_to_cpu_and_names_the_device_in_the_test_id(device, request):
     """MOSREP_TEST_DEVICE sets the device of the device-switched tests, cpu when it is unset (as CI runs), and their
     ids end in [on_<device type>], which tools/check_gpu.py's `MOSREP_TEST_DEVICE=cuda ... -k on_cuda` selects; the

@@ -230,7 +230,9 @@ def build_learner(args, device, world: int):
         learner = models.BYOL(args.arch, args.stem, args.dim, **mixing)
     cuda = device.type == "cuda"
     if args.framework == "byol" and world > 1 and cuda:   # no negatives: BN statistics of the global batch matter
-        learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)   # (MoCo has shuffle-BN instead)
+        # (MoCo has shuffle-BN instead.) torch's SyncBatchNorm costs 3 host syncs a forward, 834 a ResNet-50 mosaic
+        # step: the estimate and the way out are in docs/performance.md.
+        learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)
     learner = learner.to(device, memory_format=torch.channels_last)   # faster convolutions on CPUs too
     if args.compile and any(isinstance(module, torch.nn.SyncBatchNorm) for module in learner.modules()):
         log("note: --compile does not apply to SyncBatchNorm under DDP (an open torch failure); running eager")
