@@ -86,11 +86,9 @@ def parse_args(argv=None):
         if args.data is None:   # the ImageFolder copy if there, else torchvision's download
             found = os.path.isdir(os.path.join(data.DEMO_FOLDER, "train"))
             args.dataset, args.data = ("imagefolder", f"{data.DEMO_FOLDER}/train") if found else ("cifar10", "data")
-    recipe = dict(FRAMEWORK_DEFAULTS[args.framework], **({"ema": 0.996} if args.framework == "byol" and (args.epochs or 0) > 300
-                                              else {}))
-    for key, value in recipe.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    long_byol = args.framework == "byol" and (args.epochs or 0) > 300
+    recipe = {**FRAMEWORK_DEFAULTS[args.framework], **({"ema": 0.996} if long_byol else {})}
+    vars(args).update({key: value for key, value in recipe.items() if getattr(args, key, None) is None})
     if args.jitter is None and args.crops > 0:
         args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     return args
