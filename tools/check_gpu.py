@@ -84,9 +84,10 @@ def world_note(nproc: int, gpus: int) -> str:
     else ''."""
     steps = [name for name, world in (("the torchrun step (2c)", nproc), ("pytest's nccl test (2a)", gpus))
              if world < 2]
-    return steps and (f"**At world size 1: {' and '.join(steps)}**, so DDP, SyncBatchNorm and shuffle-BN across "
-                      f"processes go unchecked here (NCCL takes one GPU per process): check a machine with 2 GPUs or "
-                      f"more for them.") or ""
+    if not steps:
+        return ""
+    return (f"**At world size 1: {' and '.join(steps)}**, so DDP, SyncBatchNorm and shuffle-BN across processes go "
+            f"unchecked here (NCCL takes one GPU per process): check a machine with 2 GPUs or more for them.")
 
 
 def plan(args):
@@ -100,8 +101,10 @@ def plan(args):
         argv = [*launch, "train.py", *flags, "--max-steps", str(steps), "--out", out, *more]
         return argv, train_verdict(out, steps, world)
     fp32 = tiny("moco", "mosaic", "off")   # where the GPU's nondeterminism is small enough to see a resume fault
-    gpu_gb = getattr(args, "gpu_gb", None)   # the GPU's memory, None in the dry run
+    gpu_gb = getattr(args, "gpu_gb", None)   # the GPU's memory (GiB), None in the dry run
     batch = bench_batch(gpu_gb)
+    why = "" if batch == 128 else (f" (batch {batch} per GPU: {gpu_gb:.0f} GiB of GPU memory; batch 128 takes "
+                                   f"~{BENCH_MEMORY_GB[128]} GiB)")
     return [Step(*row) for row in [
         ("1", "env", 10, [PY, "-m", "torch.utils.collect_env"], env_verdict),
         # test_mosrep.py's device-independent tests, among them roi_align on CUDA against the CPU, no host sync in a
@@ -116,9 +119,8 @@ def plan(args):
         # each process adds its start (imports, CUDA context, NCCL's rendezvous): a couple of seconds
         ("2c", f"torchrun-byol-{n}-process", 30 + 2 * n, *train("torchrun", tiny("byol", "mosaic", world=n), 20,
                                                                launch=torchrun, world=n)),
-        ("3", "bench", 60, [PY, *BENCH, "--batch-size", str(batch)], functools.partial(bench_verdict, note=(
-            f" (batch {batch} per GPU: {gpu_gb:.0f} GiB of GPU memory; batch 128 takes ~{BENCH_MEMORY_GB[128]} GiB)"
-            if batch < 128 else ""))),
+        ("3", "bench", 60, [PY, *BENCH, "--batch-size", str(batch)],
+         functools.partial(bench_verdict, note=why)),
     ]]
 
 
