@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 import augment
+import runtime
 from augment import MEAN, STD
 
 DATASETS = ("imagefolder", "imagenet100", "cifar10", "cifar100", "stl10", "fake")
@@ -142,12 +143,13 @@ def build_dataset(name: str, root: str, train: bool, transform, image_size: int 
         except (FileNotFoundError, RuntimeError) as error:   # no class folders, no images, none readable
             raise ValueError(f"no images found under {root} ({error}); --data must hold one folder per "
                              f"class with readable .jpg/.png files inside") from None
-    try:
-        if name == "stl10":
-            split = ("train+unlabeled" if unlabeled else "train") if train else "test"
-            return torchvision.datasets.STL10(root, split=split, transform=transform, download=True)
-        kind = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        return kind(root, train=train, transform=transform, download=True)
+    try:   # one process of the machine at a time: the first downloads, the others then find the files
+        with runtime.download_lock(root):
+            if name == "stl10":
+                split = ("train+unlabeled" if unlabeled else "train") if train else "test"
+                return torchvision.datasets.STL10(root, split=split, transform=transform, download=True)
+            kind = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            return kind(root, train=train, transform=transform, download=True)
     except Exception as error:   # no internet, a partial download, a wrong folder
         raise ValueError(f"could not load {name} from {root} ({type(error).__name__}); without internet, put it "
                          f"there by hand, or use an ImageFolder copy with --dataset imagefolder (--demo takes "

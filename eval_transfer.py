@@ -20,7 +20,7 @@ from augment import MEAN, STD
 from data import build_dataset
 from eval_knn import add_common_args, build_trunk, extract_features, shard_loader
 from eval_linear import balanced_subset
-from runtime import distributed, rank
+from runtime import distributed, download_lock, rank
 
 TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10", "food101": "Food101",
                "flowers102": "Flowers102", "dtd": "DTD", "pets": "OxfordIIITPet", "cars": "StanfordCars"}
@@ -45,11 +45,12 @@ def build_split(name: str, root: str, split: str, transform):
     """torchvision's dataset `name` (a TORCHVISION key), split "train", "val" (flowers102, dtd) or "test",
     downloaded into root when missing (cars excepted)."""
     kind = getattr(torchvision.datasets, TORCHVISION[name])
-    if name in ("cifar10", "cifar100"):
-        return kind(root, train=split == "train", transform=transform, download=True)
     extra = {"dtd": {"partition": 1}, "pets": {"target_types": "category"}}.get(name, {})
     split = "trainval" if name == "pets" and split == "train" else split
-    return kind(root, split=split, transform=transform, download=name != "cars", **extra)
+    with download_lock(root):   # one process of the machine at a time: the first downloads, the others wait
+        if name in ("cifar10", "cifar100"):
+            return kind(root, train=split == "train", transform=transform, download=True)
+        return kind(root, split=split, transform=transform, download=name != "cars", **extra)
 
 
 def load_splits(name: str, args, transform) -> dict:

@@ -108,5 +108,7 @@ def box_means(feature_map: torch.Tensor, boxes: torch.Tensor, stride: int):
     box, or outside it. This stands in for mix-ssl's bilinear-upsampled map. Both regions must be non-empty."""
     inside = coverage(boxes, *feature_map.shape[2:], stride)                    # [N, h, w]
     weights = torch.stack([inside, stride * stride - inside], dim=1)           # [N, 2, h, w]
-    means = torch.einsum("nchw,nrhw->nrc", feature_map.float(), weights.float()) / weights.sum(dim=(2, 3))[..., None]
-    return means.to(feature_map.dtype).unbind(1)
+    # A product and a sum, which autocast leaves in fp32: it would run a contraction (einsum, matmul) in fp16, whose
+    # sums (pixel areas of up to stride^2 per cell, over every cell) pass fp16's 65,504 for features of a few units.
+    sums = (feature_map.float()[:, None] * weights[:, :, None]).sum(dim=(3, 4))   # [N, 2, C]
+    return (sums / weights.sum(dim=(2, 3))[..., None]).to(feature_map.dtype).unbind(1)

@@ -61,9 +61,13 @@ class Trunk(nn.Module):
 def save_checkpoint(folder: str, learner: "_Learner", args: dict, **training_state):
     """Write folder/checkpoint.pth ({learner, backbone, args} and training_state) and folder/backbone.pth
     (the backbone's torchvision-keyed state_dict), each atomically (temp file, then rename): a crash or a
-    full disk mid-write leaves the previous file intact. Raises OSError when a write fails."""
-    backbone = learner.backbone.state_dict()   # shares storage with the learner's state: saved once
-    checkpoint = dict(learner=learner.state_dict(), backbone=backbone, args=args, **training_state)
+    full disk mid-write leaves the previous file intact. The tensors are copied to the CPU, so that a bare torch.load
+    reads them on a machine without the training's GPU; the backbone's are the learner's own (saved once).
+    Raises OSError when a write fails."""
+    state = {key: value.cpu() for key, value in learner.state_dict().items()}
+    prefix = next(name for name, module in learner.named_modules() if module is learner.backbone) + "."
+    backbone = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+    checkpoint = dict(learner=state, backbone=backbone, args=args, **training_state)
     for name, content in (("checkpoint.pth", checkpoint), ("backbone.pth", backbone)):
         path = os.path.join(folder, name)
         try:

@@ -2,8 +2,9 @@
 
 - `distributed()` joins torchrun's process group (or stays a world of one), so that every later code path is
   the same on a laptop and on many GPUs; `world_size`, `rank` and `gather_all` work in both.
-- `folder_lock()` gives one run at a time its output folder; `stop_requests()` turns SIGTERM and Ctrl-C into a
-  request the loop polls; `lost_peers()` recognises a collective that failed because a peer went away.
+- `folder_lock()` gives one run at a time its output folder; `download_lock()` one download at a time its dataset
+  folder; `stop_requests()` turns SIGTERM and Ctrl-C into a request the loop polls; `lost_peers()` recognises a
+  collective that failed because a peer went away.
 
 Imports only torch. Nothing here prints or exits: the errors are `RunError` (or ValueError) with the fix in the
 message, and the scripts turn them into their one line.
@@ -65,10 +66,10 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a [n, ...] tensor from every process along dim 0, in rank order (no gradient): [n*world, ...]."""
     if world_size() == 1:
         return tensor
-    tensor = tensor.contiguous()   # plain layout: collectives copy raw bytes, channels_last would scramble
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.cat(parts)
+    gathered = tensor.new_empty((world_size() * tensor.shape[0], *tensor.shape[1:]))   # written in place: no copy
+    # plain layout: collectives copy raw bytes, channels_last would scramble; newer torch names it all_gather_single
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(gathered, tensor.contiguous())
+    return gathered
 
 
 @contextlib.contextmanager
@@ -100,6 +101,20 @@ def folder_lock(folder: str):
         if unlocked is None:
             os.ftruncate(fd, 0)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def download_lock(root: str):
+    """Holds an exclusive flock on root/.download.lock for the block, waiting for it as long as it takes: around a
+    torchvision dataset built with download=True, the first process of a machine downloads while the others (the
+    ranks of a torchrun job, another run) wait, then find the files there and only check them; without it they all
+    write the same archive at once and fail its integrity check on some ranks only. No collective: no timeout.
+    A root that cannot be written to, or a file system without flock, runs the block unlocked."""
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError, AttributeError):   # AttributeError: fcntl is None (Windows)
+            os.makedirs(root, exist_ok=True)
+            fcntl.flock(stack.enter_context(open(os.path.join(root, ".download.lock"), "a")), fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager

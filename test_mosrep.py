@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
@@ -982,6 +983,22 @@ def test_box_means_of_a_box_on_whole_cells_is_the_plain_mean_of_those_cells():
     assert inside.item() == (1 + 4) / 2 and outside.item() == (0 + 2 + 3 + 5) / 4
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_box_means_is_exact_in_fp32_under_fp16_autocast(dtype, device):
+    """Under fp16 autocast (train.py --amp fp16, cutmix's embed_boxes), box_means still sums in fp32: its output is
+    the fp32 result without autocast, cast to the map's dtype, bit for bit, at the paper's geometry (7x7 cells of
+    stride 32, so up to 1,024 px per cell) with features of a few units, whose box sums pass fp16's 65,504 (inf)."""
+    torch.manual_seed(0)
+    feature_map = (4 + torch.randn(8, 16, 7, 7)).to(device, dtype)
+    boxes = mixture.random_boxes(8, 224, 224, 0.25, 0.75, device)
+    expected = [m.to(dtype) for m in mixture.box_means(feature_map.float(), boxes, 32)]
+    with torch.autocast(device.type, dtype=torch.float16):
+        got = mixture.box_means(feature_map, boxes, 32)
+    for mean, want in zip(got, expected):
+        assert mean.dtype == dtype and torch.isfinite(mean).all()
+        assert torch.equal(mean, want)
 # ==================================================================================================
 # models.py
 # ==================================================================================================
@@ -1187,6 +1204,23 @@ def test_save_checkpoint_writes_learner_backbone_args_and_state(tmp_path):
     assert backbone.keys() == learner.backbone.state_dict().keys() == checkpoint["backbone"].keys()
     assert all(torch.equal(backbone[k], v) for k, v in learner.backbone.state_dict().items())
     assert sorted(os.listdir(tmp_path)) == ["backbone.pth", "checkpoint.pth"]
+
+
+def test_backbone_pth_holds_cpu_tensors_that_a_bare_torch_load_gives_to_torchvision(tmp_path, device):
+    """With the learner on the device (a GPU under MOSREP_TEST_DEVICE=cuda), every tensor that save_checkpoint writes
+    is on the CPU: backbone.pth loads with a bare torch.load into torchvision.models.resnet50() (only fc.* missing) on
+    a machine without that GPU; in checkpoint.pth the backbone's tensors share the learner's storage (saved once)."""
+    learner = models.MoCo("resnet50", "imagenet", queue_size=16).to(device)
+    models.save_checkpoint(str(tmp_path), learner, {"arch": "resnet50"}, step=1)
+    state = torch.load(tmp_path / "backbone.pth")
+    result = torchvision.models.resnet50().load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+    checkpoint = torch.load(tmp_path / "checkpoint.pth")
+    assert {v.device.type for part in (state, *checkpoint.values()) if isinstance(part, dict)
+            for v in part.values() if isinstance(v, torch.Tensor)} == {"cpu"}
+    for key, value in checkpoint["backbone"].items():
+        shared = checkpoint["learner"]["online.trunk." + key]
+        assert value.untyped_storage().data_ptr() == shared.untyped_storage().data_ptr(), key
 
 
 def test_save_checkpoint_on_a_full_disk_keeps_the_previous_files(tmp_path, monkeypatch):
@@ -1788,6 +1822,49 @@ def _class_folders(root, classes, count=1):
             Image.new("RGB", (4, 4), (10 * i, 0, 0)).save(root / c / f"{i}.png")
 
 
+STAND_IN_DOWNLOAD = """
+import os, sys, time
+sys.path.insert(0, {here!r})
+import torch.distributed, torchvision, data, runtime
+root, rank = sys.argv[1], os.environ["RANK"]
+def note(*words):
+    with open(os.path.join(root, "log"), "a") as log:
+        log.write(" ".join(map(str, words)) + "\\n")
+class StandIn:   # torchvision's CIFAR10 with download=True: download unless the files are there, then read them
+    def __init__(self, root, train, transform, download):
+        files = os.path.join(root, "cifar-10-batches-py")
+        if download and not os.path.isdir(files):
+            note("download", rank, time.time())
+            time.sleep(2)
+            os.makedirs(files)
+            note("downloaded", rank, time.time())
+        note("loaded", rank, time.time(), os.path.isdir(files))
+torchvision.datasets.CIFAR10 = StandIn
+with runtime.distributed():
+    torch.distributed.barrier()   # both ranks ask for the dataset at the same moment
+    note("asks", rank, time.time())
+    data.build_dataset("cifar10", root, True, None)
+"""
+
+
+def test_a_download_happens_once_per_machine_while_the_other_ranks_wait(tmp_path):
+    """Under torchrun --nproc_per_node 2 (gloo), both ranks asking data.build_dataset for a torchvision dataset at
+    the same moment: one rank downloads (a 2 s stand-in), the other waits for it, then finds the files and
+    downloads nothing."""
+    script, root = tmp_path / "download.py", tmp_path / "data"
+    script.write_text(STAND_IN_DOWNLOAD.format(here=HERE))
+    os.makedirs(root)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             str(script), str(root)], cwd=HERE, capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [line.split() for line in (root / "log").read_text().splitlines()]
+    (_, downloader, began), (_, _, ended) = [e for e in events if e[0].startswith("download")]
+    other = "1" if downloader == "0" else "0"
+    asked, loaded = (float(e[2]) for e in events if e[1] == other and e[0] in ("asks", "loaded"))
+    assert asked < float(began) + 1 and loaded >= float(ended)   # it asked during the download and waited for it
+    assert sorted(e[3] for e in events if e[0] == "loaded") == ["True", "True"]
+
+
 def test_build_splits_finds_val_beside_data_and_checks_classes(tmp_path):
     """build_splits finds val/ or test/ beside --data; other classes or no val split: one-line ValueError."""
     _class_folders(tmp_path / "train", ["a", "b"], count=2)
@@ -2081,6 +2158,16 @@ def test_schedules_ema_moco_constant_byol_cosine_to_one():
     assert all(a <= b for a, b in zip(emas, emas[1:]))
 
 
+def test_amp_defaults_to_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    """--amp's default: bf16 on GPUs of compute capability 8.0 and later (A100 8.0, RTX 30xx 8.6, H100 9.0), fp16 with
+    train_step's GradScaler on older ones (V100 7.0, T4 7.5: no bf16 tensor cores, torch.cuda.is_bf16_supported()
+    True by emulation), off on the CPU."""
+    for capability, amp in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert train.default_amp(torch.device("cuda", 0)) == amp, capability
+    assert train.default_amp(torch.device("cpu")) == "off"
+
+
 def test_parse_args_recipes_and_default_jitter():
     """parse_args fills the framework's recipe (flags win), BYOL ema 0.996 past 300 epochs, default_jitter."""
     byol = train.parse_args([])
@@ -2220,6 +2307,35 @@ def test_evaluate_knn_counts_a_repeated_k_once():
     train_y, test_y = torch.randint(0, 3, (30,)), torch.randint(0, 3, (10,))
     twice = evaluate_knn(train_x, train_y, test_x, test_y, [1, 1], 0.07, 3)
     assert twice == evaluate_knn(train_x, train_y, test_x, test_y, [1], 0.07, 3)
+
+
+class _LargeOutputs(TorchDispatchMode):
+    """Records the aten ops that allocate a tensor of at least `numel` elements (views of their inputs excepted)."""
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        storage = lambda tensors: [t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)]
+        given = storage([*args, *(kwargs or {}).values()])
+        self.ops += [str(func) for t in (out if isinstance(out, (tuple, list)) else [out])
+                     if isinstance(t, torch.Tensor) and t.numel() >= self.numel and storage([t])[0] not in given]
+        return out
+
+
+def test_knn_eval_holds_the_train_features_once():
+    """knn_eval makes one tensor the size of the train features [N, C] (extract_features' buffer, filled in place):
+    no concatenated copy, no normalised copy (at ImageNet's 1.28M x 2048 each would be another 10.5 GB per GPU).
+    Sizes chosen so that nothing else (activations of 16 images, a chunk's similarities) is as large."""
+    torch.manual_seed(0)
+    trunk, num_train = models.Trunk("resnet18", "cifar"), 256
+    train_set = TensorDataset(torch.randn(num_train, 3, 8, 8), torch.arange(num_train) % 4)
+    val_set = TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 4)
+    with _LargeOutputs(num_train * trunk.out_channels) as large:
+        results = eval_knn.knn_eval(trunk, train_set, val_set, [1, 20], 0.07, 4, 16, 0, "cpu")
+    assert large.ops == ["aten.zeros.default"], large.ops
+    assert set(results) == {1, 20}
 
 
 def test_extract_features_pooled_in_order_and_bn_untouched():
@@ -2600,9 +2716,10 @@ SPLIT_ARGUMENTS = {
     "cars": ("StanfordCars", [{"split": "train", "download": False}, {"split": "test", "download": False}])}
 
 
-def test_each_dataset_builds_its_torchvision_class_with_the_papers_splits(monkeypatch):
+def test_each_dataset_builds_its_torchvision_class_with_the_papers_splits(monkeypatch, tmp_path):
     """Every name builds its torchvision class with the split arguments (downloading into --root, cars excepted);
     flowers102 and dtd bring their official val split, the others none (held out of train)."""
+    monkeypatch.chdir(tmp_path)   # where the download lock makes --root
     for kind, _ in SPLIT_ARGUMENTS.values():
         monkeypatch.setattr(torchvision.datasets, kind, type(kind, (_DatasetRecorder,), {}))
     args, transform = argparse.Namespace(root="somewhere"), object()
@@ -3374,6 +3491,23 @@ def test_nccl_all_reduce_gather_all_and_syncbn_on_every_gpu(device):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_nccl_worker, args=(torch.cuda.device_count(), port), nprocs=torch.cuda.device_count())
+
+
+def test_a_byol_mosaic_step_runs_278_syncbn_forwards_of_three_host_syncs_each():
+    """BYOL under DDP on GPUs trains with SyncBatchNorm (train.build_learner). A BYOL + mosaic step on ResNet-50
+    runs it 278 times: the online encoder's 55 BN layers (trunk 53, head 2) on x1, x2 and the mosaic, the
+    predictor's one on each, the target's 55 on x1 and x2. torch's SyncBatchNorm forward indexes with a boolean mask
+    3 times (count_all, mean_all, invstd_all[mask]: empty ranks out), each a host sync on CUDA: 834 per step, the
+    cost docs/performance.md states. Counted on the CPU at world size 1, where SyncBatchNorm runs BatchNorm's code;
+    the 3 read from the installed torch's source."""
+    learner, calls = nn.SyncBatchNorm.convert_sync_batchnorm(models.BYOL("resnet50", "imagenet")), []
+    for module in (module for module in learner.modules() if isinstance(module, nn.SyncBatchNorm)):
+        module.register_forward_hook(lambda *hooked: calls.append(1))
+    torch.manual_seed(0)
+    learner(*torch.randn(2, 4, 3, 32, 32), make_mosaic(torch.randn(4, 4, 3, 16, 16), 0))
+    assert len(calls) == 278
+    masked = re.findall(r"\w+_all\[mask\]", inspect.getsource(torch.nn.modules._functions.SyncBatchNorm.forward))
+    assert masked == ["count_all[mask]", "mean_all[mask]", "invstd_all[mask]"]
 
 
 def test_the_device_switch_defaults_to_cpu_and_names_the_device_in_the_test_id(device, request):

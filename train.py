@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--mix-global-p", type=float, default=0.5, help="flatten: share of images mixed globally")
     p.add_argument("--mix-region-p", type=float, default=0.25, help="flatten: share of images mixed by regions")
     p.add_argument("--mix-weight", type=float, default=0.5, help="cutmix: lambda, the weight of L_mixed")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on CUDA, off on CPU")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="CPU: off; bf16 from compute capability 8, else fp16")
     p.add_argument("--out", default="runs/mosrep", help="folder for checkpoint.pth, backbone.pth, log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pth")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
@@ -86,11 +86,9 @@ def parse_args(argv=None):
         if args.data is None:   # the ImageFolder copy if there, else torchvision's download
             found = os.path.isdir(os.path.join(data.DEMO_FOLDER, "train"))
             args.dataset, args.data = ("imagefolder", f"{data.DEMO_FOLDER}/train") if found else ("cifar10", "data")
-    recipe = dict(FRAMEWORK_DEFAULTS[args.framework], **({"ema": 0.996} if args.framework == "byol" and (args.epochs or 0) > 300
-                                              else {}))
-    for key, value in recipe.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    long_byol = args.framework == "byol" and (args.epochs or 0) > 300
+    recipe = {**FRAMEWORK_DEFAULTS[args.framework], **({"ema": 0.996} if long_byol else {})}
+    vars(args).update({key: value for key, value in recipe.items() if getattr(args, key, None) is None})
     if args.jitter is None and args.crops > 0:
         args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     return args
@@ -129,6 +127,13 @@ def check_args(args, world: int):
         fail(f"cannot make the output folder --out {args.out} ({error.strerror or error}); choose another --out")
 
 
+def default_amp(device: torch.device) -> str:
+    """--amp's default on device: bf16 where the GPU computes it natively (compute capability 8.0 and later: A100,
+    H100, RTX 30xx on), fp16 (with train_step's GradScaler) on older GPUs, off on the CPU. V100 and T4 have fp16
+    tensor cores but no bf16 ones: torch.cuda.is_bf16_supported() says True there, for an emulation."""
+    return "off" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
 def fail(message: str):
     """Stop with a one-line error (exit code 1): bad input is the user's to fix, not a traceback."""
     raise SystemExit(f"error: {message}")
@@ -159,7 +164,7 @@ def main(argv=None) -> int:
 
 def train(args, device, stop_signal: list) -> int:
     """Build, then loop (step, log, epoch end), then finish. Returns 0 when done, 1 when stopped by a signal."""
-    world, rank, amp = runtime.world_size(), runtime.rank(), args.amp or ("bf16" if device.type == "cuda" else "off")
+    world, rank, amp = runtime.world_size(), runtime.rank(), args.amp or default_amp(device)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     views = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, args.crops * (args.views != "two"))
@@ -223,7 +228,9 @@ def build_learner(args, device, world: int):
         learner = models.BYOL(args.arch, args.stem, args.dim, **mixing)
     cuda = device.type == "cuda"
     if args.framework == "byol" and world > 1 and cuda:   # no negatives: BN statistics of the global batch matter
-        learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)   # (MoCo has shuffle-BN instead)
+        # (MoCo has shuffle-BN instead.) torch's SyncBatchNorm costs 3 host syncs a forward, 834 a ResNet-50 mosaic
+        # step: the estimate and the way out are in docs/performance.md.
+        learner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner)
     learner = learner.to(device, memory_format=torch.channels_last)   # faster convolutions on CPUs too
     if args.compile and any(isinstance(module, torch.nn.SyncBatchNorm) for module in learner.modules()):
         log("note: --compile does not apply to SyncBatchNorm under DDP (an open torch failure); running eager")

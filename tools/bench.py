@@ -53,9 +53,9 @@ UNITS = {"byol": {"two": 8, "multicrop": 11, "mosaic": 11}, "moco": {"two": 4, "
 MIXES = {"byol": ("flatten",), "moco": ("flatten", "cutmix")}
 MIX_UNITS = {"flatten": 0, "cutmix": 4}
 DEFAULTS = {"cpu": dict(arch="resnet18", stem="cifar", image_size=32, crop_size=16, batch_size=32, steps=5,
-                        warmup=2, amp="off"),
+                        warmup=2),
             "cuda": dict(arch="resnet50", stem="imagenet", image_size=224, crop_size=112, batch_size=32,
-                         steps=20, warmup=5, amp="bf16")}
+                         steps=20, warmup=5)}
 
 
 def parse_args(argv=None):
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="timed rounds; the median is reported")
     p.add_argument("--warmup", type=int, help="untimed rounds before them")
     p.add_argument("--framework", choices=("moco", "byol", "both"), default="both")
-    p.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), help="autocast dtype (default: train.py's)")
     p.add_argument("--data", help="ImageFolder root: the LOADER line times its first 48 JPEGs (default: 48 "
                    "photo-like 500x375 JPEGs)")
     p.add_argument("--supervised", action="store_true", help="also time a supervised ResNet step (the ceiling)")
@@ -89,6 +89,7 @@ def parse_args(argv=None):
         sys.exit("bench.py: --device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                  "use --device cpu")
     vars(args).update({key: value for key, value in DEFAULTS[args.device].items() if getattr(args, key) is None})
+    args.amp = args.amp or train.default_amp(torch.device(args.device))   # train.py's: bf16 on compute capability 8+
     if args.jitter is None and args.crops > 0:
         args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     if math.isqrt(args.crops) ** 2 != args.crops or args.batch_size < args.crops or args.warmup < 0 or args.steps < 1:

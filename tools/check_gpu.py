@@ -36,13 +36,17 @@ PY = sys.executable
 VIEWS = ("two", "multicrop", "mosaic")
 STAGES = {"1": "Environment", "2": "Correctness on CUDA", "3": "Speed at the paper's geometry",
           "4": "CIFAR-10: a first comparison of the view modes"}
-# Stage 2's small runs: the CIFAR geometry on synthetic images, 768 / 64 = 12 steps per epoch, so that 20 steps cross
-# an epoch end (a checkpoint save) and the 10-step half of the resume check stops mid-epoch.
-TINY = ["--dataset", "fake", "--fake-size", "768", *RECIPE, "--epochs", "10", "--log-every", "1", "--workers", "2",
-        "--seed", "0"]
+# Stage 2's small runs: the CIFAR geometry on synthetic images, 64 per process and 768 per process in all (tiny()):
+# 12 steps per epoch whatever the number of processes, so that 20 steps cross an epoch end (a checkpoint save) and
+# the 10-step half of the resume check stops mid-epoch.
+TINY = ["--dataset", "fake", *RECIPE, "--epochs", "10", "--log-every", "1", "--workers", "2", "--seed", "0"]
 PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "test_mosrep.py", "-k", "on_cuda"]
 BENCH = ["tools/bench.py", "--device", "cuda", "--supervised", "--arch", "resnet50", "--image-size", "224",
-         "--crop-size", "112", "--batch-size", "128", "--amp", "bf16"]
+         "--crop-size", "112"]   # the batch per GPU: bench_batch(); the amp: train.py's default for this GPU
+# GPU memory (GiB) a bench.py step at the paper's geometry takes, per batch per GPU: BYOL + mosaic, the largest. Not
+# yet measured on a GPU: the CPU's fp32 figure (0.5 GiB + 0.255 GiB per image, docs/performance.md), which bf16
+# activations should undercut.
+BENCH_MEMORY_GB = {128: 34, 64: 17, 32: 9}
 CIFAR_NEED_S = 240     # stage 4: cifar_table's calibration, then three runs of an epoch and their k-NN, at least
 RESERVE_S = 5          # seconds kept back from the budget for writing the report
 
@@ -62,10 +66,28 @@ def shown(step) -> str:
 
 # ---- the plan
 
-def tiny(framework, views, amp, world=1):
-    """train.py flags of stage 2's small runs (64 images per process)."""
-    return [*TINY, *FRAMEWORK[framework], "--framework", framework, "--views", views, "--amp", amp, "--batch-size",
-            str(64 * world)]
+def tiny(framework, views, amp=None, world=1):
+    """train.py flags of stage 2's small runs on `world` processes: 64 images per process and step, 12 steps per
+    epoch; amp None: train.py's default for the GPU (bf16 where it is native, else fp16)."""
+    return [*TINY, *FRAMEWORK[framework], "--framework", framework, "--views", views, "--batch-size", str(64 * world),
+            "--fake-size", str(768 * world), *(["--amp", amp] if amp else [])]
+
+
+def bench_batch(gpu_gb) -> int:
+    """The largest batch per GPU of BENCH_MEMORY_GB that fits in gpu_gb GiB with a tenth to spare (128 when unknown:
+    the dry run), so that the bench runs on 24 GB cards too (at 64); 32 at least."""
+    return max([batch for batch, need in BENCH_MEMORY_GB.items() if gpu_gb is None or need <= 0.9 * gpu_gb] or [32])
+
+
+def world_note(nproc: int, gpus: int) -> str:
+    """The report's warning when the multi-process steps run at world size 1 (one GPU: NCCL takes one per process),
+    else ''."""
+    steps = [name for name, world in (("the torchrun step (2c)", nproc), ("pytest's nccl test (2a)", gpus))
+             if world < 2]
+    if not steps:
+        return ""
+    return (f"**At world size 1: {' and '.join(steps)}**, so DDP, SyncBatchNorm and shuffle-BN across processes go "
+            f"unchecked here (NCCL takes one GPU per process): check a machine with 2 GPUs or more for them.")
 
 
 def plan(args):
@@ -79,21 +101,26 @@ def plan(args):
         argv = [*launch, "train.py", *flags, "--max-steps", str(steps), "--out", out, *more]
         return argv, train_verdict(out, steps, world)
     fp32 = tiny("moco", "mosaic", "off")   # where the GPU's nondeterminism is small enough to see a resume fault
+    gpu_gb = getattr(args, "gpu_gb", None)   # the GPU's memory (GiB), None in the dry run
+    batch = bench_batch(gpu_gb)
+    why = "" if batch == 128 else (f" (batch {batch} per GPU: {gpu_gb:.0f} GiB of GPU memory; batch 128 takes "
+                                   f"~{BENCH_MEMORY_GB[128]} GiB)")
     return [Step(*row) for row in [
         ("1", "env", 10, [PY, "-m", "torch.utils.collect_env"], env_verdict),
         # test_mosrep.py's device-independent tests, among them roi_align on CUDA against the CPU, no host sync in a
         # training step but the documented one, nccl's all_reduce, gather_all and SyncBatchNorm on every GPU
         ("2a", "pytest-on-cuda", 60, [PY, *PYTEST], last_line, {"MOSREP_TEST_DEVICE": "cuda"}),
-        *[("2b", f"train-{f}-{v}", 20, *train(f"{f}-{v}", tiny(f, v, "bf16"), 20)) for f in ("moco", "byol")
-          for v in VIEWS],
+        *[("2b", f"train-{f}-{v}", 20, *train(f"{f}-{v}", tiny(f, v), 20)) for f in ("moco", "byol") for v in VIEWS],
         ("2b", "train-byol-mosaic-fp16", 20, *train("fp16", tiny("byol", "mosaic", "fp16"), 20)),
         ("2b", "train-moco-mosaic-fp32", 20, *train("fp32", fp32, 20)),
         ("2b", "resume-first-10-steps", 20, *train("resumed", fp32, 10)),
         ("2b", "resume-to-20-steps", 20, train("resumed", fp32, 20, "--resume")[0],
          resume_verdict(os.path.join(outputs, "fp32"), os.path.join(outputs, "resumed"), 10, 20)),
-        ("2c", f"torchrun-byol-{n}-process", 30, *train("torchrun", tiny("byol", "mosaic", "bf16", n), 20,
-                                                        launch=torchrun, world=n)),
-        ("3", "bench", 60, [PY, *BENCH], bench_verdict),
+        # each process adds its start (imports, CUDA context, NCCL's rendezvous): a couple of seconds
+        ("2c", f"torchrun-byol-{n}-process", 30 + 2 * n, *train("torchrun", tiny("byol", "mosaic", world=n), 20,
+                                                               launch=torchrun, world=n)),
+        ("3", "bench", 60, [PY, *BENCH, "--batch-size", str(batch)],
+         functools.partial(bench_verdict, note=why)),
     ]]
 
 
@@ -193,9 +220,11 @@ def bench_answer(text, cores, gpus):
         f"GPU for the training process; {cores} cores for {gpus} GPU(s)."])
 
 
-def bench_verdict(log_path):
+def bench_verdict(log_path, note=""):
+    """bench_answer of the step's log, the note (a smaller batch, and why) after its summary."""
     with open(log_path) as f:
-        return bench_answer(f.read(), os.cpu_count() or 1, max(1, torch.cuda.device_count()))
+        summary, markdown = bench_answer(f.read(), os.cpu_count() or 1, max(1, torch.cuda.device_count()))
+    return summary + note, markdown
 
 
 # ---- running: the budget, the subprocesses, the report
@@ -261,6 +290,7 @@ def write_report(runner):
     lines = ["# GPU check report", "", f"`{getattr(args, 'command', 'python tools/check_gpu.py')}`, "
              f"{time.strftime('%Y-%m-%d %H:%M')}: used {(time.monotonic() - runner.started) / 60:.1f} of "
              f"{args.minutes:g} min; " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".", "",
+             *([getattr(args, "world_note", ""), ""] if getattr(args, "world_note", "") else []),
              "| stage | step | result | s | summary |", "|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | [{r['name']}]({r['log']}) | {r['status']} | {r['seconds']:.0f} | "
               f"{r['summary'].replace('|', '/')} |" for r in results]
@@ -324,7 +354,9 @@ def check_command(argv, env=()) -> tuple:
 def dry_run(args) -> int:
     """Print the plan, every command with whether it parses; 0 when all do, else 1 with a one-line error."""
     steps, failures = plan(args) + [cifar_step(args, f, args.minutes) for f in ("moco", "byol")], []
-    print(f"tools/check_gpu.py plan, budget {args.minutes:g} min, report in {args.out}: each command parsed, none run.")
+    print(f"tools/check_gpu.py plan, budget {args.minutes:g} min, report in {args.out}: each command parsed, none run."
+          f"\nThe bench's batch per GPU follows the GPU's memory: {BENCH_MEMORY_GB} (GiB, an estimate); this plan "
+          f"shows the largest.\n{args.world_note}".rstrip())
     for i, step in enumerate(steps):
         if i == 0 or step.stage[0] != steps[i - 1].stage[0]:
             print(f"\n{step.stage[0]}. {STAGES[step.stage[0]]}" + (
@@ -368,12 +400,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --minutes {args.minutes:g} must be positive")
     args.out, args.data = repo_path(args.out), repo_path(args.data or os.path.join(ROOT, "data", "cifar10-jpg"))
     args.nproc = args.nproc or max(1, torch.cuda.device_count())
+    args.world_note = world_note(args.nproc, torch.cuda.device_count())
     os.chdir(ROOT)
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():
         raise SystemExit(f"error: no CUDA GPU: torch {torch.__version__} sees none (torch.cuda.is_available() is "
                          f"False); run this on a GPU machine, or pass --dry-run to see the plan")
+    args.gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     runner = Runner(args, time.monotonic())
     os.makedirs(args.out, exist_ok=True)
     shutil.rmtree(os.path.join(args.out, "outputs"), ignore_errors=True)   # train.py refuses a used --out

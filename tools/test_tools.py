@@ -22,6 +22,7 @@ import check_gpu  # noqa: E402
 import cifar_table  # noqa: E402
 import convert_detectron2  # noqa: E402
 import models  # noqa: E402
+import train  # noqa: E402
 from check_gpu import PY, CheckFailed, Runner, Step  # noqa: E402
 from test_mosrep import _one_intra_op_thread, assert_one_line_error  # noqa: E402, F401 (an autouse fixture)
 
@@ -121,6 +122,55 @@ def test_without_cuda_the_check_stops_with_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "report").exists()
 
 
+def test_the_plan_is_consistent_for_every_number_of_gpus(tmp_path, monkeypatch):
+    """For every process count n in 1..16, each train.py step of the plan passes train.py's own checks at its world
+    size (n for the torchrun step, else 1) with 64 images per process and 12 steps per epoch, enough steps for what
+    its verdict expects, and that verdict passes a log of those steps from that many ranks; the steps of stages 1-3
+    fit the default budget (8 min) less the report's reserve when each takes the time it asks for."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # as on the GPU machine: --amp fp16 is allowed
+    for n in range(1, 17):
+        args = argparse.Namespace(**{**vars(plan_args(tmp_path)), "nproc": n})
+        steps = check_gpu.plan(args)
+        assert sum(step.need_s for step in steps) + check_gpu.RESERVE_S <= 8 * 60, n
+        assert [s.name for s in steps if s.stage == "2c"] == [f"torchrun-byol-{n}-process"]
+        for step in (step for step in steps if "train.py" in step.argv):
+            world = n if step.stage == "2c" else 1
+            flags = train.parse_args(step.argv[step.argv.index("train.py") + 1:])
+            train.check_args(flags, world)   # a refusal is a SystemExit
+            per_epoch = flags.fake_size // flags.batch_size
+            assert (flags.batch_size // world, per_epoch) == (64, 12), (n, step.name)
+            assert flags.max_steps <= flags.epochs * per_epoch, (n, step.name)
+            if not flags.resume:   # resume-to-20-steps compares two runs' losses (its own test above)
+                write_log(flags.out, [1.0] * flags.max_steps, ranks=world)
+                assert f"{world} rank(s) identical" in step.verdict(None), (n, step.name)
+
+
+def test_the_report_says_when_the_multi_process_steps_ran_at_world_size_1(tmp_path):
+    """On one GPU (or --nproc 1) the report's head says which multi-process steps ran at world size 1 and that
+    DDP, SyncBatchNorm and shuffle-BN across processes went unchecked; with 2 GPUs or more it says nothing."""
+    assert check_gpu.world_note(8, 8) == ""
+    assert "the torchrun step (2c)**" in check_gpu.world_note(1, 8) and "nccl" not in check_gpu.world_note(1, 8)
+    run = runner(tmp_path)
+    run.args.world_note = check_gpu.world_note(1, 1)
+    run.run(python_step("works", "pass"))
+    head = (tmp_path / "report.md").read_text().split("| stage |")[0]
+    assert "**At world size 1: the torchrun step (2c) and pytest's nccl test (2a)**, so DDP, SyncBatchNorm and " \
+           "shuffle-BN across processes go unchecked here" in head
+
+
+def test_the_bench_batch_fits_the_gpus_memory_and_the_report_says_why(tmp_path):
+    """bench.py runs at 128 images per GPU where its estimated need fits with a tenth to spare (80 GB cards), at 64
+    on 24 GB cards, at 32 below; the plan passes that batch, and the step's summary says why when it is not 128."""
+    assert [check_gpu.bench_batch(gb) for gb in (None, 79.2, 44.4, 23.6, 15.8, 8.0)] == [128, 128, 128, 64, 32, 32]
+    args = argparse.Namespace(**{**vars(plan_args(tmp_path)), "gpu_gb": 23.6})
+    bench_step, = (step for step in check_gpu.plan(args) if step.name == "bench")
+    assert bench_step.argv[-2:] == ["--batch-size", "64"]
+    log = tmp_path / "bench.log"
+    log.write_text(BENCH_OUTPUT + "LOADER loader=640.0\n")
+    summary, _ = bench_step.verdict(str(log))
+    assert summary.endswith(" (batch 64 per GPU: 24 GiB of GPU memory; batch 128 takes ~34 GiB)"), summary
+
+
 # ---- the runner: budget, failures, timeouts, report
 
 def runner(tmp_path, minutes=1.0):
@@ -182,10 +232,12 @@ def test_a_step_gets_its_timeout_from_the_budget_left_and_takes_its_process_grou
 
 # ---- verdicts and choices
 
-def write_log(out, losses, final_step=None):
+def write_log(out, losses, final_step=None, ranks=1):
     os.makedirs(out, exist_ok=True)
-    records = [{"step": s, "loss": v} for s, v in enumerate(losses, 1)]
-    records.append({"final": True, "step": final_step or len(losses)})
+    records = [{"step": s, "loss": v, "target_std": 1.0, "max_memory_gb": 1.0, "images_per_s": 100.0}
+               for s, v in enumerate(losses, 1)]
+    records.append({"final": True, "step": final_step or len(losses), "rank_checksums": [0.5] * ranks,
+                    "ranks_identical": True})
     with open(os.path.join(out, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
