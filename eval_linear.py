@@ -1,11 +1,12 @@
 """Linear probe of a frozen trunk (`torchrun --nproc_per_node 8 eval_linear.py --weights backbone.pth --data
 imagenet/train --augment`): a non-affine BatchNorm + linear layer on pooled features, SGD, cosine schedule, no
 AMP; one head per --lr, trained at once, the best lr and epoch picked on the val split it is reported on (as MoCo
-and DINO do). Cached centre-crop features by default; --augment is the paper's protocol (RandomResizedCrop + flip
-through the trunk every epoch); --label-list keeps the train images a file names (SimCLR's 1percent.txt /
-10percent.txt: the papers' 1 % / 10 % rows), --label-fraction a class-balanced random share where no list exists.
---batch-size is the global batch: each process extracts its share of each batch, and every process trains the
-heads on the whole of it, so that the result does not depend on the number of processes.
+and DINO do), or with --holdout on a class-balanced part of train, then refitted and scored once. Cached centre-crop
+features by default; --augment is the paper's protocol (RandomResizedCrop + flip through the trunk every epoch);
+--label-list keeps the train images a file names (SimCLR's 1percent.txt / 10percent.txt: the papers' 1 % / 10 %
+rows), --label-fraction a class-balanced random share where no list exists. --batch-size is the global batch: each
+process extracts its share of each batch, and every process trains the heads on the whole of it, so that the result
+does not depend on the number of processes.
 """
 import argparse
 import json
@@ -18,17 +19,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from data import EpochSampler, SeededViews, build_splits, eval_transform
+from data import EpochSampler, SeededViews, build_dataset, build_splits, eval_transform
 from eval_knn import (accuracy, add_common_args, build_trunk, extract_features, gather_shards, process_batch,
                       shard_loader)
 from models import distributed, rank, world_size
 
 
-def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
+def balanced_subset(labels, fraction: float, seed: int, flag: str = "--label-fraction") -> torch.Tensor:
     """labels [N] -> sorted LongTensor of kept indices: round(fraction * n_c) (half up) random images of
-    every class c, drawn from seed. ValueError when fraction is not in (0, 1] or a class keeps none."""
+    every class c, drawn from seed. ValueError naming flag when fraction is not in (0, 1] or a class keeps none."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"--label-fraction must be in (0, 1], got {fraction}")
+        raise ValueError(f"{flag} must be in (0, 1], got {fraction}")
     labels = torch.as_tensor(labels).long()
     generator = torch.Generator().manual_seed(seed)
     kept = []
@@ -36,7 +37,7 @@ def balanced_subset(labels, fraction: float, seed: int) -> torch.Tensor:
         members = (labels == c).nonzero().flatten()
         count = math.floor(fraction * len(members) + 0.5)
         if count == 0:
-            raise ValueError(f"--label-fraction {fraction} keeps no image of class {c} ({len(members)} images); "
+            raise ValueError(f"{flag} {fraction} keeps no image of class {c} ({len(members)} images); "
                              f"it needs at least {0.5 / len(members):.3g}")
         kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
     return torch.cat(kept).sort().values
@@ -142,11 +143,11 @@ def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int
 
 
 def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, num_features: int, num_classes: int,
-                lrs, epochs: int, wd: float = 0.0) -> list:
+                lrs, epochs: int, wd: float = 0.0, final_only: bool = False, name: str = "val") -> list:
     """Train a ProbeHeads head per lr for `epochs` epochs on the (features [B, C], labels [B]) of make_batches(epoch),
-    epochs counted from 1, evaluating all on val_features [N, C], val_labels [N] after each. Every process trains
-    the same heads on the same global batches. Returns per lr {lr, best_epoch, best_top1, best_top5, last_top1,
-    last_top5, last_loss: the last epoch's mean training loss}."""
+    epochs counted from 1, evaluating all on val_features [N, C], val_labels [N] after each (final_only: after the
+    last only). Every process trains the same heads on the same global batches. Returns per lr {lr, best_epoch,
+    best_top1, best_top5, last_top1, last_top5, last_loss: the last epoch's mean training loss}."""
     heads = ProbeHeads(num_features, num_classes, len(lrs)).to(val_features.device)
     optimizer = torch.optim.SGD([{"params": linear.parameters(), "lr": lr} for linear, lr in zip(heads.linears, lrs)],
                                 lr=lrs[0], momentum=0.9, weight_decay=wd)
@@ -164,6 +165,8 @@ def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, nu
             optimizer.step()
             scheduler.step()
             loss_sum, steps = loss_sum + losses.detach(), steps + 1
+        if final_only and epoch < epochs:
+            continue
         heads.eval()
         with torch.no_grad():
             logits = torch.cat([heads(chunk) for chunk in val_features.split(4096)], dim=1)   # [H, N, K]
@@ -174,7 +177,7 @@ def train_probe(make_batches, steps_per_epoch: int, val_features, val_labels, nu
                 result.update(best_epoch=epoch, best_top1=top1, best_top5=top5)
             result.update(last_top1=top1, last_top5=top5, last_loss=head_loss)
         if rank() == 0 and (epoch == epochs or epoch % max(1, epochs // 20) == 0):
-            print(f"epoch {epoch}/{epochs}  loss {sum(mean_losses) / len(lrs):.3f}  val top-1 per "
+            print(f"epoch {epoch}/{epochs}  loss {sum(mean_losses) / len(lrs):.3f}  {name} top-1 per "
                   "lr: " + " ".join(f"{r['lr']:g}:{r['last_top1']:.1f}" for r in results), flush=True)
     return results
 
@@ -197,11 +200,30 @@ def probe_source(args, trunk, train_set, device):
 
 
 def probe(args, trunk, train_set, val, num_classes: int, device):
-    """(heads, val top-1, val top-5, selection): the sweep over --lr on val = (features, labels), the best on it."""
-    make_batches, steps = probe_source(args, trunk, train_set, device)(torch.arange(len(train_set)))
-    heads = train_probe(make_batches, steps, *val, trunk.out_channels, num_classes, args.lr, args.epochs, args.wd)
+    """(heads, val top-1, val top-5, selection): the sweep over --lr on val = (features, labels), the best on it;
+    or with --holdout the sweep on the rest of train scored on a class-balanced --holdout share of it, then the
+    chosen lr and epochs refitted on all train images and val scored once."""
+    source, everything = probe_source(args, trunk, train_set, device), torch.arange(len(train_set))
+    fit = lambda index, scored, lrs, epochs, **how: train_probe(*source(index), *scored, trunk.out_channels,
+                                                                 num_classes, lrs, epochs, args.wd, **how)
+    if not args.holdout:
+        heads = fit(everything, val, args.lr, args.epochs)
+        best = max(heads, key=lambda r: r["best_top1"])
+        return heads, best["best_top1"], best["best_top5"], "the best lr and epoch on the val split it reports"
+    try:
+        held = balanced_subset(labels_of(train_set), args.holdout, args.seed, "--holdout")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    plain = label_subset(args, build_dataset(args.dataset, args.data, True, eval_transform(args.image_size),
+                                             args.image_size, args.fake_size)) if args.augment else train_set
+    held_out = extract_features(trunk, shard_loader(Subset(plain, held.tolist()), process_batch(args.batch_size),
+                                                    args.workers), device, "held-out")   # centre crops
+    heads = fit(everything[~torch.isin(everything, held)], held_out, args.lr, args.epochs, name="held-out")
     best = max(heads, key=lambda r: r["best_top1"])
-    return heads, best["best_top1"], best["best_top5"], "the best lr and epoch on the val split it reports"
+    final, = fit(everything, val, [best["lr"]], best["best_epoch"], final_only=True)
+    return heads, final["last_top1"], final["last_top5"], (
+        f"lr {best['lr']:g} and {best['best_epoch']} epochs chosen on a held-out {100 * args.holdout:g} % of train "
+        f"({len(held)} images), refitted on all {len(train_set)}, val scored once")
 
 
 def main():
@@ -211,11 +233,13 @@ def main():
     parser.add_argument("--epochs", type=int, help="default 100 (cached features) or 90 (--augment)")
     parser.add_argument("--wd", type=float, default=0.0)
     parser.add_argument("--augment", action="store_true", help="RandomResizedCrop + flip through the trunk every epoch")
+    parser.add_argument("--holdout", type=float, default=0.0, help="choose lr and epochs on this class-balanced share "
+                        "of the train images, refit on all, score val once (default 0: choose on val)")
     add_label_args(parser)
     args = parser.parse_args()
     args.epochs = args.epochs if args.epochs is not None else (90 if args.augment else 100)
-    if args.epochs < 1 or min(args.lr) <= 0:
-        parser.error("--epochs and --lr must be positive")
+    if args.epochs < 1 or min(args.lr) <= 0 or not 0 <= args.holdout < 1:
+        parser.error("--epochs and --lr must be positive, --holdout in [0, 1)")
     batch = process_batch(args.batch_size)
     with distributed() as device:
         trunk, start = build_trunk(args, device), time.time()
@@ -230,6 +254,7 @@ def main():
             best = max(heads, key=lambda r: r["best_top1"])
             print(f"linear probe, {len(train_set)} train / {len(val[1])} val images, {num_classes} classes, "
                   f"{'augmented' if args.augment else 'cached'} mode, {args.epochs} epochs, {time.time() - start:.0f}s"
+                  f"\n{'held-out' if args.holdout else 'val'} split:"
                   "\n      lr best ep best top-1 best top-5 last top-1 last top-5")
             for r in heads:
                 print(f"{r['lr']:>8g} {r['best_epoch']:>7} {r['best_top1']:10.2f} {r['best_top5']:10.2f} "

@@ -2727,8 +2727,19 @@ def test_batch_size_is_the_global_batch_of_every_evaluation_script(monkeypatch):
         assert_one_line_error(error.value, f"--batch-size {batch} is the global batch: it must split evenly over the 8")
 
 
-def test_linear_output_and_json_say_that_it_selects_on_the_val_split(image_folders, tmp_path, monkeypatch, capsys):
-    """eval_linear's output and JSON say that the best lr and epoch are chosen on the val split they report."""
+def test_linear_holdout_selects_on_train_then_scores_val_once(image_folders, tmp_path, monkeypatch, capsys):
+    """eval_linear --holdout 0.34: lr and epochs chosen on 2 of the 6 train images of each class (every epoch scored
+    on them), refitted on all 18, the val split scored once; output and JSON say which selection ran. Without it, they
+    say that the best lr and epoch are chosen on the val split."""
+    run_main(eval_linear, monkeypatch, "--data", image_folders / "train", "--val-data", image_folders / "val",
+             "--epochs", 3, "--lr", 0.1, 1, "--holdout", 0.34, "--out", tmp_path / "held.json")
+    shown = capsys.readouterr().out
+    result = json.loads((tmp_path / "held.json").read_text())
+    chosen = max(result["heads"], key=lambda r: r["best_top1"])
+    assert result["selection"] == (f"lr {chosen['lr']:g} and {chosen['best_epoch']} epochs chosen on a held-out 34 % "
+                                   "of train (6 images), refitted on all 18, val scored once")
+    assert shown.count("held-out top-1 per lr") == 3 and shown.count("val top-1 per lr") == 1
+    assert f"selection: {result['selection']}" in shown
     run_main(eval_linear, monkeypatch, "--data", image_folders / "train", "--val-data", image_folders / "val",
              "--epochs", 1, "--lr", 0.1, "--out", tmp_path / "val.json")
     result = json.loads((tmp_path / "val.json").read_text())
