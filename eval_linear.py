@@ -204,8 +204,10 @@ def probe(args, trunk, train_set, val, num_classes: int, device):
     or with --holdout the sweep on the rest of train scored on a class-balanced --holdout share of it, then the
     chosen lr and epochs refitted on all train images and val scored once."""
     source, everything = probe_source(args, trunk, train_set, device), torch.arange(len(train_set))
-    fit = lambda index, scored, lrs, epochs, **how: train_probe(*source(index), *scored, trunk.out_channels,
-                                                                 num_classes, lrs, epochs, args.wd, **how)
+
+    def fit(index, scored, lrs, epochs, **how):
+        torch.manual_seed(args.seed)   # the heads' initialisation: the same on every process, whatever ran before
+        return train_probe(*source(index), *scored, trunk.out_channels, num_classes, lrs, epochs, args.wd, **how)
     if not args.holdout:
         heads = fit(everything, val, args.lr, args.epochs)
         best = max(heads, key=lambda r: r["best_top1"])
@@ -243,7 +245,6 @@ def main():
     batch = process_batch(args.batch_size)
     with distributed() as device:
         trunk, start = build_trunk(args, device), time.time()
-        torch.manual_seed(args.seed)   # the heads' initialisation, the same on every process
         train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
             args.image_size, augment=args.augment), eval_transform(args.image_size), args.image_size, args.fake_size)
         train_set = label_subset(args, train_set)

@@ -2775,6 +2775,7 @@ def _two_process_runs(folders, out):
     probe = [*tiny, *fake, "--epochs", "2", "--lr", "0.1", "1"]
     runs = {"knn": ("eval_knn", [*tiny, "--dataset", "fake", "--fake-size", "33", "--k", "1", "5", "20"]),
             "linear": ("eval_linear", probe), "linear_augment": ("eval_linear", [*probe, "--augment"]),
+            "linear_holdout": ("eval_linear", [*probe, "--augment", "--holdout", "0.5"]),
             "transfer": ("eval_transfer", [*tiny, "--datasets", "imagefolder", "--data", str(folders / "train"),
                                            "--test-data", str(folders / "val")]),
             "finetune": ("eval_finetune", [*tiny, *fake, "--epochs", "2", "--lr", "1", "--save", str(out / "ft")])}
@@ -2806,10 +2807,10 @@ def test_two_processes_print_no_warning(two_and_one_process):
     assert "Warning" not in two_and_one_process[1], two_and_one_process[1][-3000:]
 
 
-@pytest.mark.parametrize("name", ["knn", "linear", "linear_augment", "transfer"])
+@pytest.mark.parametrize("name", ["knn", "linear", "linear_augment", "linear_holdout", "transfer"])
 def test_two_processes_give_the_one_process_result(name, two_and_one_process):
-    """eval_knn (odd split sizes: padded shards), eval_linear cached and --augment, and eval_transfer under torchrun
-    with 2 processes give the 1-process result on the same flags: each process extracts (and, --augment, views) its half
+    """eval_knn (odd split sizes: padded shards), eval_linear cached, --augment and --augment --holdout, and
+    eval_transfer under torchrun with 2 processes give the 1-process result on the same flags: each process extracts (and, --augment, views) its half
     of each global batch, and every process trains the heads on the whole of it, in the 1-process order. Only the
     convolutions' summation order differs (it follows the per-process batch): the features agree to ~1e-7, the
     accuracies, best lr / epoch / lambda and val curves are equal, the training losses agree to 1e-5."""
