@@ -60,7 +60,8 @@ def resume(args, net, optimizer, scaler) -> int:
     changed = [key for key, value in vars(args).items()
                if key not in ("workers", "out", "resume") and checkpoint["args"].get(key) != value]
     if changed:
-        raise SystemExit(f"error: --resume: the run in {args.save} had other --{' --'.join(changed)}; pass its flags")
+        flags = " ".join(f"--{key.replace('_', '-')} {checkpoint['args'].get(key)}" for key in changed)
+        raise SystemExit(f"error: --resume: the run in {args.save} had {flags}; pass its flags, or drop --resume")
     for part, name in ((net, "net"), (optimizer, "optimizer"), (scaler, "scaler")):
         part.load_state_dict(checkpoint[name])
     return checkpoint["epoch"]
