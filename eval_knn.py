@@ -24,27 +24,10 @@ def add_common_args(parser: argparse.ArgumentParser, data_args=add_data_args) ->
     parser.add_argument("--arch", default="resnet50", choices=ARCHS)
     parser.add_argument("--stem", default="imagenet", choices=STEMS)
     data_args(parser)
-    parser.add_argument("--batch-size", type=int, default=256, help="the global batch over all processes (as in "
-                        "train.py): each process takes batch / processes")
+    parser.add_argument("--batch-size", type=int, default=256, help="the global batch, split across processes")
     parser.add_argument("--seed", type=int, default=0, help="also seeds the 'random' trunk, the same on every process")
     parser.add_argument("--out", help="also write the results as JSON to this file")
     return parser
-
-
-def process_batch(batch_size: int) -> int:
-    """--batch-size (the global batch, over torchrun's WORLD_SIZE processes) -> this process's share; SystemExit in
-    one line when it does not split evenly."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if batch_size < 1 or batch_size % world:
-        raise SystemExit(f"error: --batch-size {batch_size} is the global batch: it must split evenly over the {world} "
-                         f"process(es); pass a positive multiple of {world}")
-    return batch_size // world
-
-
-def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
-    """[n, ...] on each process, process r of W holding rows r, r + W, r + 2W... of a whole -> that whole [n*W, ...]
-    in its own order (what a DistributedSampler's shards and EpochSampler's batches hold)."""
-    return gather_all(tensor).unflatten(0, (world_size(), -1)).transpose(0, 1).flatten(0, 1)
 
 
 def build_trunk(args, device) -> torch.nn.Module:
@@ -59,8 +42,7 @@ def build_trunk(args, device) -> torch.nn.Module:
 
 
 def shard_loader(dataset, batch_size: int, workers: int) -> DataLoader:
-    """An unshuffled loader over this process's shard of dataset, batch_size (this process's) images a batch:
-    images r, r + W, r + 2W... of rank r of W."""
+    """An unshuffled loader of this process's batch_size: images r, r + W, r + 2W... of dataset, rank r of W."""
     sampler = DistributedSampler(dataset, world_size(), rank(), shuffle=False) if world_size() > 1 else None
     return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available())
 
@@ -80,8 +62,7 @@ def extract_features(trunk, loader, device, name: str = "features"):
             shown = time.time()
             done = sum(map(len, labels)) * world_size()
             print(f"  {name}: {done}/{len(loader.dataset)} images ({shown - start:.0f} s)", flush=True)
-    # the last images of the shards are padded with repeats: drop them
-    count = len(loader.dataset)
+    count = len(loader.dataset)   # the shards' last images are padded with repeats: dropped
     return gather_shards(torch.cat(features))[:count], gather_shards(torch.cat(labels))[:count]
 
 
@@ -121,6 +102,22 @@ def knn_eval(trunk, train_set, val_set, ks, temperature: float, num_classes: int
     train_x, train_y = extract_features(trunk, shard_loader(train_set, batch_size, workers), device, f"{name} train")
     test_x, test_y = extract_features(trunk, shard_loader(val_set, batch_size, workers), device, f"{name} val")
     return evaluate_knn(train_x, train_y, test_x, test_y, ks, temperature, num_classes)
+
+
+def process_batch(batch_size: int) -> int:
+    """--batch-size (the global batch, over torchrun's WORLD_SIZE processes) -> this process's share; SystemExit in
+    one line when it does not split evenly."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if batch_size < 1 or batch_size % world:
+        raise SystemExit(f"error: --batch-size {batch_size} is the global batch: it must split evenly over the {world} "
+                         f"process(es); pass a positive multiple of {world}")
+    return batch_size // world
+
+
+def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
+    """[n, ...] on each process, process r of W holding rows r, r + W, r + 2W... of a whole -> that whole [n*W, ...]
+    in its own order (what a DistributedSampler's shards and EpochSampler's batches hold)."""
+    return gather_all(tensor).unflatten(0, (world_size(), -1)).transpose(0, 1).flatten(0, 1)
 
 
 def main():
