@@ -6,6 +6,7 @@ Wu et al. 2018, as in DINO). One feature extraction, each process a shard, serve
 import argparse
 import contextlib
 import json
+import os
 import time
 
 import torch
@@ -25,7 +26,7 @@ def add_common_args(parser: argparse.ArgumentParser, data_args=add_data_args) ->
     parser.add_argument("--arch", default="resnet50", choices=ARCHS)
     parser.add_argument("--stem", default="imagenet", choices=STEMS)
     data_args(parser)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="the global batch, split across processes")
     parser.add_argument("--seed", type=int, default=0, help="also seeds the 'random' trunk, the same on every process")
     parser.add_argument("--out", help="also write the results as JSON to this file")
     return parser
@@ -113,10 +114,27 @@ def evaluate_knn(train_features, train_labels, test_features, test_labels, ks, t
 
 def knn_eval(trunk, train_set, val_set, ks, temperature: float, num_classes: int, batch_size: int, workers: int,
              device, name: str = "k-NN") -> dict:
-    """Extract both splits' features (each process a shard) and return evaluate_knn's results."""
+    """Extract both splits' features (each process a shard, batch_size images a batch) and return evaluate_knn's
+    results."""
     train_x, train_y = extract_features(trunk, shard_loader(train_set, batch_size, workers), device, f"{name} train")
     test_x, test_y = extract_features(trunk, shard_loader(val_set, batch_size, workers), device, f"{name} val")
     return evaluate_knn(train_x, train_y, test_x, test_y, ks, temperature, num_classes)
+
+
+def process_batch(batch_size: int) -> int:
+    """--batch-size (the global batch, over torchrun's WORLD_SIZE processes) -> this process's share; SystemExit in
+    one line when it does not split evenly."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if batch_size < 1 or batch_size % world:
+        raise SystemExit(f"error: --batch-size {batch_size} is the global batch: it must split evenly over the {world} "
+                         f"process(es); pass a positive multiple of {world}")
+    return batch_size // world
+
+
+def gather_shards(tensor: torch.Tensor) -> torch.Tensor:
+    """[n, ...] on each process, process r of W holding rows r, r + W, r + 2W... of a whole -> that whole [n*W, ...]
+    in its own order (what a DistributedSampler's shards and EpochSampler's batches hold)."""
+    return gather_all(tensor).unflatten(0, (world_size(), -1)).transpose(0, 1).flatten(0, 1)
 
 
 def main():
@@ -126,12 +144,12 @@ def main():
     args = parser.parse_args()
     if min(args.k) < 1 or args.temperature <= 0:
         parser.error("--k values and --temperature must be positive")
+    batch = process_batch(args.batch_size)
     with distributed() as device, one_line_errors():
         trunk, start, transform = build_trunk(args, device), time.time(), eval_transform(args.image_size)
         train_set, val_set, classes = build_splits(args.dataset, args.data, args.val_data, transform, transform,
                                                    args.image_size, args.fake_size)
-        results = knn_eval(trunk, train_set, val_set, args.k, args.temperature, classes, args.batch_size, args.workers,
-                           device)
+        results = knn_eval(trunk, train_set, val_set, args.k, args.temperature, classes, batch, args.workers, device)
         if rank() == 0:
             print(f"k-NN on {len(train_set)} train / {len(val_set)} test images, {classes} classes, "
                   f"T={args.temperature}, {time.time() - start:.0f}s\n{'k':>6} {'top-1':>7} {'top-5':>7}")

@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 
 from augment import MEAN, STD
 from data import build_dataset
-from eval_knn import add_common_args, build_trunk, extract_features, shard_loader
+from eval_knn import add_common_args, build_trunk, extract_features, process_batch, shard_loader
 from eval_linear import balanced_subset
 from runtime import distributed, download_lock, rank
 
@@ -151,7 +151,8 @@ def transfer_fit(train, val, test, per_class: bool = False) -> dict:
 def run_dataset(name: str, args, trunk, transform, device):
     """Extract the splits' features (each process a shard) and, on rank 0, fit: the JSON entry (None elsewhere)."""
     splits, start = load_splits(name, args, transform), time.time()
-    features = {split: extract_features(trunk, shard_loader(dataset, args.batch_size, args.workers), device,
+    batch = process_batch(args.batch_size)   # --batch-size is the global batch
+    features = {split: extract_features(trunk, shard_loader(dataset, batch, args.workers), device,
                                         f"{name} {split}") for split, dataset in splits.items() if dataset is not None}
     extracted = time.time()
     if "val" not in features:
@@ -197,6 +198,7 @@ def main():
     args = add_common_args(parser, add_transfer_data_args).parse_args()
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):   # now, not after the fits
         parser.error(f"--out {args.out}: its folder does not exist; create it or choose another --out")
+    process_batch(args.batch_size)   # refused now, not once per dataset
     results, failed = {}, []
     with distributed() as device:
         trunk, transform = build_trunk(args, device), transfer_transform(args.image_size)

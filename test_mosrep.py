@@ -1,6 +1,7 @@
 """Spec suite of the MosRep reference implementation (CPU, small), in module order: mosaic.py, losses.py,
-augment.py, mixture.py, models.py, data.py, train.py (units), eval_knn.py, eval_linear.py, train.py end to end,
-real CIFAR-10 end to end, the CUDA checks, README. The tools' tests are in tools/test_tools.py.
+augment.py, mixture.py, models.py, data.py, train.py (units), eval_knn.py, eval_linear.py, eval_transfer.py,
+eval_finetune.py, the evaluation scripts under 2 processes, train.py end to end, real CIFAR-10 end to end, the CUDA
+checks, README. The tools' tests are in tools/test_tools.py.
 Every test's docstring is the one spec it pins. Run: python -m pytest -q (both files)"""
 import argparse
 import ast
@@ -36,6 +37,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import augment
 import data
+import eval_finetune
 import eval_knn
 import eval_linear
 import eval_transfer
@@ -2417,26 +2419,6 @@ def test_knn_cli_separates_coloured_classes(image_folders, tmp_path):
     assert result["knn"] == {"1": {"top1": 100.0, "top5": 100.0}, "5": {"top1": 100.0, "top5": 100.0}}
 
 
-def test_knn_cli_two_processes_match_one(tmp_path):
-    """eval_knn under torchrun with 2 processes (odd split sizes: padded shards) gives the one-process knn_eval, and
-    prints no warning."""
-    out = tmp_path / "knn.json"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                           "eval_knn.py", "--weights", "random", "--arch", "resnet18", "--stem", "cifar", "--image-size",
-                           "32", "--workers", "0", "--batch-size", "4", "--dataset", "fake", "--fake-size", "33",
-                           "--k", "1", "5", "20", "--out", str(out)], cwd=HERE, capture_output=True, text=True,
-                          timeout=300, env=ENV)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Warning" not in done.stdout + done.stderr, done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    transform = data.eval_transform(32)
-    train_set, val_set, classes = data.build_splits("fake", None, None, transform, transform, 32, 33)
-    trunk = build_trunk(argparse.Namespace(weights="random", arch="resnet18", stem="cifar", seed=0), "cpu")
-    expected = eval_knn.knn_eval(trunk, train_set, val_set, [1, 5, 20], eval_knn.KNN_TEMPERATURE, classes, 4, 0, "cpu")
-    assert (result["num_train"], result["num_test"]) == (33, 16)
-    assert result["knn"] == {str(k): v for k, v in expected.items()}
-
-
 def test_missing_val_data_is_a_one_line_error(image_folders):
     """eval_knn with a --val-data that does not exist exits non-zero with one stderr line naming it, no traceback."""
     missing = image_folders / "no-such-split"
@@ -2778,6 +2760,217 @@ def test_transfer_cli_runs_imagefolder_and_a_missing_dataset_fails_alone(image_f
 
 
 # ==================================================================================================
+# eval_finetune.py
+# ==================================================================================================
+
+def run_main(module, monkeypatch, *args):
+    """module.main() in this process on a random-init resnet18 (imagenet stem) at 32 px, batch 6, no loader workers."""
+    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", "--weights", "random", "--arch", "resnet18", "--stem",
+                                      "imagenet", "--image-size", "32", "--workers", "0", "--batch-size", "6",
+                                      *map(str, args)])
+    module.main()
+
+
+def _torchvision_scores(path, folder, num_classes):
+    """(top-1 %, top-5 %) on the images of folder of torchvision's resnet18 loaded (strictly) from the file at path."""
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    net.load_state_dict(torch.load(path, weights_only=True))
+    images, labels = zip(*torchvision.datasets.ImageFolder(folder, data.eval_transform(32), loader=data.load_image))
+    with torch.no_grad():
+        return accuracy(net.eval()(torch.stack(images)), torch.tensor(labels))
+
+
+def test_finetune_exports_the_network_it_scores_and_resume_repeats_the_run(image_folders, tmp_path, monkeypatch):
+    """eval_finetune: finetuned.pth (CPU tensors) loads strictly into torchvision's resnet18 and scores the JSON's top-1
+    and top-5; a run stopped after its epoch-1 checkpoint and resumed ends with the uninterrupted run's weights."""
+    flags = ["--data", image_folders / "train", "--val-data", image_folders / "val", "--epochs", 2, "--lr", 5]
+    run_main(eval_finetune, monkeypatch, *flags, "--save", tmp_path / "a", "--out", tmp_path / "a.json")
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert (result["num_train"], result["num_val"], result["num_classes"]) == (18, 9, 3)
+    assert result["selection"] == "none: the last epoch, val scored once"
+    exported = torch.load(tmp_path / "a" / "finetuned.pth", weights_only=True)
+    assert all(tensor.device.type == "cpu" for tensor in exported.values())
+    assert _torchvision_scores(tmp_path / "a" / "finetuned.pth", image_folders / "val", 3) == (result["top1"],
+                                                                                              result["top5"])
+    save = eval_finetune.save
+
+    def save_then_stop(state, path):
+        save(state, path)
+        if state.get("epoch") == 1:
+            raise SystemExit("stopped")
+
+    monkeypatch.setattr(eval_finetune, "save", save_then_stop)
+    with pytest.raises(SystemExit, match="stopped"):
+        run_main(eval_finetune, monkeypatch, *flags, "--save", tmp_path / "b")
+    monkeypatch.setattr(eval_finetune, "save", save)
+    run_main(eval_finetune, monkeypatch, *flags, "--save", tmp_path / "b", "--resume")
+    resumed = torch.load(tmp_path / "b" / "finetuned.pth", weights_only=True)
+    assert exported.keys() == resumed.keys() and all(torch.equal(exported[k], resumed[k]) for k in exported)
+
+
+@pytest.mark.parametrize("fraction, epochs", [(0.04, 60), (0.1, 30)])
+def test_finetune_default_epochs_follow_simclrs_1_and_10_percent(fraction, epochs, monkeypatch):
+    """Without --epochs: 60 epochs when the labelled images are under 5 % of train (SimCLR's 1 %), else 30 (10 %)."""
+    seen = []
+    monkeypatch.setattr(eval_finetune, "fine_tune", lambda args, *rest: seen.append(args.epochs))
+    run_main(eval_finetune, monkeypatch, "--dataset", "fake", "--fake-size", 500, "--label-fraction", fraction)
+    assert seen == [epochs]
+
+
+@pytest.mark.parametrize("extra, env, fragment", [
+    (["--batch-size", "5"], {"WORLD_SIZE": "2"}, "--batch-size 5 is the global batch: it must split evenly over the 2"),
+    (["--batch-size", "64"], {}, "18 train images make no full batch of --batch-size 64"),
+    (["--resume", "--save", "SAVE"], {}, "--resume: SAVE/checkpoint.pth does not exist"),
+    (["--amp", "fp16"], {}, "--amp fp16 needs a GPU"),
+    (["--resume"], {}, "--resume needs --save"),
+    (["--save", "."], {}, "./checkpoint.pth exists; pass --resume to continue it"),
+    (["--label-list", "x.txt", "--label-fraction", "0.5"], {}, "not allowed with argument"),
+])
+def test_finetune_bad_input_is_one_line(extra, env, fragment, image_folders, tmp_path, monkeypatch, capsys):
+    """eval_finetune refuses a batch that does not split over the processes or makes no full batch, a --resume without
+    its checkpoint or --save, a fresh run onto a checkpoint, fp16 on a CPU and both label flags, in one line before
+    any training step."""
+    if torch.cuda.is_available() and "fp16" in extra:
+        pytest.skip("fp16 runs on a GPU")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(eval_finetune.torch.optim.SGD, "step", lambda *a, **k: pytest.fail("a step ran"))
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    extra = [str(tmp_path / "save") if flag == "SAVE" else flag for flag in extra]
+    with pytest.raises(SystemExit) as done:
+        run_main(eval_finetune, monkeypatch, "--data", image_folders / "train", *extra)
+    message = str(done.value.code) if done.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert fragment.replace("SAVE", str(tmp_path / "save")) in message and "\n" not in message, message
+
+
+def test_batch_size_is_the_global_batch_of_every_evaluation_script(monkeypatch):
+    """process_batch: --batch-size over WORLD_SIZE processes (torchrun's), 1 without it; a batch that does not split,
+    or one under 1, is a one-line SystemExit naming both."""
+    assert eval_knn.process_batch(256) == 256
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert eval_knn.process_batch(256) == 32
+    for batch in (100, 0):
+        with pytest.raises(SystemExit) as error:
+            eval_knn.process_batch(batch)
+        assert_one_line_error(error.value, f"--batch-size {batch} is the global batch: it must split evenly over the 8")
+
+
+def test_linear_holdout_selects_on_train_then_scores_val_once(image_folders, tmp_path, monkeypatch, capsys):
+    """eval_linear --holdout 0.34: lr and epochs chosen on 2 of the 6 train images of each class (every epoch scored
+    on them), refitted on all 18, the val split scored once; output and JSON say which selection ran. Without it, they
+    say that the best lr and epoch are chosen on the val split."""
+    run_main(eval_linear, monkeypatch, "--data", image_folders / "train", "--val-data", image_folders / "val",
+             "--epochs", 3, "--lr", 0.1, 1, "--holdout", 0.34, "--out", tmp_path / "held.json")
+    shown = capsys.readouterr().out
+    result = json.loads((tmp_path / "held.json").read_text())
+    chosen = max(result["heads"], key=lambda r: r["best_top1"])
+    assert result["selection"] == (f"lr {chosen['lr']:g} and {chosen['best_epoch']} epochs chosen on a held-out 34 % "
+                                   "of train (6 images), refitted on all 18, val scored once")
+    assert shown.count("held-out top-1 per lr") == 3 and shown.count("val top-1 per lr") == 1
+    assert f"selection: {result['selection']}" in shown
+    run_main(eval_linear, monkeypatch, "--data", image_folders / "train", "--val-data", image_folders / "val",
+             "--epochs", 1, "--lr", 0.1, "--out", tmp_path / "val.json")
+    result = json.loads((tmp_path / "val.json").read_text())
+    assert result["selection"] == "the best lr and epoch on the val split it reports"
+    assert result["val"] == {"top1": result["best"]["best_top1"], "top5": result["best"]["best_top5"]}
+    assert "selection: the best lr and epoch on the val split it reports" in capsys.readouterr().out
+
+
+# ==================================================================================================
+# every evaluation script under torchrun: 2 processes give the 1-process result
+# ==================================================================================================
+
+# One process group for all the scripts of a launch (runtime.distributed joins it and leaves the leaving to us): a group
+# left and joined again per script races on torchrun's store.
+RUN_MAINS = """
+import json, sys
+sys.path.insert(0, {here!r})
+import torch.distributed as dist
+import eval_finetune, eval_knn, eval_linear, eval_transfer
+dist.init_process_group("gloo")
+destroy, dist.destroy_process_group = dist.destroy_process_group, lambda: None
+for module, argv in json.loads(sys.argv[1]):
+    sys.argv = [module + ".py", *argv]
+    sys.modules[module].main()
+destroy()
+"""
+
+
+def _two_process_runs(folders, out):
+    """{name: (module, flags)}: each script on tiny data, resnet18 at 32 px (imagenet stem), a global batch of 8."""
+    tiny = ["--weights", "random", "--arch", "resnet18", "--image-size", "32", "--workers", "0", "--batch-size", "8"]
+    fake = ["--dataset", "fake", "--fake-size", "40"]   # 40 train / 16 val images: 2 x 4 per step, 5 steps an epoch
+    probe = [*tiny, *fake, "--epochs", "2", "--lr", "0.1", "1"]
+    runs = {"knn": ("eval_knn", [*tiny, "--dataset", "fake", "--fake-size", "33", "--k", "1", "5", "20"]),
+            "linear": ("eval_linear", probe), "linear_augment": ("eval_linear", [*probe, "--augment"]),
+            "linear_holdout": ("eval_linear", [*probe, "--augment", "--holdout", "0.5"]),
+            "transfer": ("eval_transfer", [*tiny, "--datasets", "imagefolder", "--data", str(folders / "train"),
+                                           "--test-data", str(folders / "val")]),
+            "finetune": ("eval_finetune", [*tiny, *fake, "--epochs", "2", "--lr", "1", "--save", str(out / "ft")])}
+    return {name: (module, [*flags, "--out", str(out / f"{name}.json")]) for name, (module, flags) in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def two_and_one_process(image_folders, tmp_path_factory):
+    """{name: (JSON of 2 processes, JSON of 1)}: every run of _two_process_runs in one torchrun --nproc_per_node 2
+    launch (gloo), then the same in this process; and torchrun's output."""
+    two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    script = two / "run_mains.py"
+    script.write_text(RUN_MAINS.format(here=HERE))
+    runs = _two_process_runs(image_folders, two)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           str(script), json.dumps(list(runs.values()))], cwd=HERE, capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for module, flags in _two_process_runs(image_folders, one).values():
+            monkeypatch.setattr(sys, "argv", [module + ".py", *flags])
+            sys.modules[module].main()
+    read = lambda folder, name: json.loads((folder / f"{name}.json").read_text())
+    return {name: (read(two, name), read(one, name)) for name in runs}, done.stdout + done.stderr
+
+
+def test_two_processes_print_no_warning(two_and_one_process):
+    """The torchrun launch of every evaluation script prints no warning."""
+    assert "Warning" not in two_and_one_process[1], two_and_one_process[1][-3000:]
+
+
+@pytest.mark.parametrize("name", ["knn", "linear", "linear_augment", "linear_holdout", "transfer"])
+def test_two_processes_give_the_one_process_result(name, two_and_one_process):
+    """eval_knn (odd split sizes: padded shards), eval_linear cached, --augment and --augment --holdout, and
+    eval_transfer under torchrun with 2 processes give the 1-process result on the same flags: each process extracts (and, --augment, views) its half
+    of each global batch, and every process trains the heads on the whole of it, in the 1-process order. Only the
+    convolutions' summation order differs (it follows the per-process batch): the features agree to ~1e-7, the
+    accuracies, best lr / epoch / lambda and val curves are equal, the training losses agree to 1e-5."""
+    two, one = two_and_one_process[0][name]
+    if name == "transfer":
+        two, one = two["datasets"]["imagefolder"], one["datasets"]["imagefolder"]
+        assert max(two["relative_gradient"], one["relative_gradient"]) <= eval_transfer.TOLERANCE   # both converged
+    if name.startswith("linear"):
+        for two_head, one_head in zip(two["heads"], one["heads"]):
+            assert two_head.pop("last_loss") == pytest.approx(one_head.pop("last_loss"), rel=1e-5)
+    drop = lambda result: {k: v for k, v in result.items()
+                           if k not in ("args", "relative_gradient") and "seconds" not in k}
+    assert drop(two) == drop(one)
+
+
+def test_two_process_finetune_scores_the_network_it_exports(two_and_one_process, tmp_path):
+    """eval_finetune under torchrun with 2 processes (DDP; BatchNorm per process on CPUs, as without SyncBatchNorm):
+    its top-1 and top-5 are those of the exported finetuned.pth scored in one process, rank 1's half of the val split
+    included (rank 0's BN statistics are broadcast before scoring)."""
+    two, _ = two_and_one_process[0]["finetune"]
+    assert (two["num_train"], two["num_val"], two["args"]["epochs"]) == (40, 16, 2)
+    net = torchvision.models.resnet18(num_classes=10)
+    net.load_state_dict(torch.load(os.path.join(os.path.dirname(two["args"]["out"]), "ft", "finetuned.pth"),
+                                   weights_only=True))
+    transform = data.eval_transform(32)
+    _, val_set, _ = data.build_splits("fake", None, None, transform, transform, 32, 40)
+    images, labels = zip(*val_set)
+    with torch.no_grad():
+        assert accuracy(net.eval()(torch.stack(images)), torch.tensor(labels)) == (two["top1"], two["top5"])
+
+
 # train.py end to end: frameworks x view modes, DDP, resume, --mix, export, bad input, failures
 # ==================================================================================================
 
@@ -3483,7 +3676,7 @@ def _nccl_worker(rank, world, port):
 
 
 def test_nccl_all_reduce_gather_all_and_syncbn_on_every_gpu(device):
-    """One process per GPU in an nccl group (models.distributed, as under torchrun): all_reduce, models.gather_all in
+    """One process per GPU in an nccl group (runtime.distributed, as under torchrun): all_reduce, runtime.gather_all in
     rank order, SyncBatchNorm = BatchNorm of the whole batch. CUDA only: SyncBatchNorm needs it."""
     if device.type != "cuda":
         pytest.skip("nccl and SyncBatchNorm need CUDA")
