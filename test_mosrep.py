@@ -3102,6 +3102,20 @@ def test_resume_on_another_world_size_goes_on_with_a_note(one_launcher_run, tmp_
     assert checkpoint_step(out) == 4 and [r["step"] for r in read_log(out)[0]] == [1, 2, 3, 4]
 
 
+def test_ranks_that_found_different_checkpoints_stop_in_one_line(borrowed_run, monkeypatch):
+    """Where --out is not one folder for all ranks (no shared file system: rank 0 resumes at step 4, another finds no
+    checkpoint and starts at 0), the ranks compare their steps before any step and stop in one line; the folder is
+    as it was. (gather_all stands in for a second rank that found nothing.)"""
+    out, flags = borrowed_run
+    before = checkpoint_step(out)
+    monkeypatch.setattr(runtime, "gather_all", lambda tensor: torch.cat([tensor, torch.zeros_like(tensor)]))
+    with pytest.raises(SystemExit) as error:
+        train.main(flags + ["--epochs", "2", "--resume", "--out", out])
+    assert_one_line_error(error.value, f"the ranks found different checkpoints in --out {out}: put it on a file "
+                                       f"system every node shares")
+    assert checkpoint_step(out) == before and [r["step"] for r in read_log(out)[0]] == [1, 2, 3, 4]
+
+
 def test_resume_of_a_finished_run_keeps_one_final_record(borrowed_run):
     """--resume of a finished run trains nothing and leaves steps 1..N and exactly one final record."""
     out, flags = borrowed_run
