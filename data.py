@@ -210,10 +210,11 @@ class SeededViews(Dataset):
 
 
 def _worker_init(exiting, worker_id: int):
-    # While the trainer runs, workers ignore SIGINT and SIGTERM: torchrun and schedulers signal the whole
+    # While the trainer runs, workers ignore SIGINT, SIGUSR1 and SIGTERM: torchrun and schedulers signal the whole
     # process group, and a worker that died mid-step would crash the trainer before it saved. Once the
     # trainer exits, SIGTERM (what Python sends its workers at exit) ends them: no exit waits on a worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (getattr(signal, name) for name in ("SIGINT", "SIGUSR1") if hasattr(signal, name)):   # not on Windows
+        signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0) if exiting.is_set() else None)
 
 

@@ -3,8 +3,8 @@
 - `distributed()` joins torchrun's process group (or stays a world of one), so that every later code path is
   the same on a laptop and on many GPUs; `world_size`, `rank` and `gather_all` work in both.
 - `folder_lock()` gives one run at a time its output folder; `download_lock()` one download at a time its dataset
-  folder; `stop_requests()` turns SIGTERM and Ctrl-C into a request the loop polls; `lost_peers()` recognises a
-  collective that failed because a peer went away.
+  folder; `stop_requests()` turns SIGTERM, Ctrl-C and SIGUSR1 (a scheduler's warning that the time limit is near)
+  into a request the loop polls; `lost_peers()` recognises a collective that failed because a peer went away.
 
 Imports only torch. Nothing here prints or exits: the errors are `RunError` (or ValueError) with the fix in the
 message, and the scripts turn them into their one line.
@@ -29,21 +29,19 @@ class RunError(Exception):
 
 
 @contextlib.contextmanager
-def distributed(timeout_minutes: float = None):
+def distributed(timeout_minutes: float = 30):
     """Yields this process's device, having joined torchrun's process group when it set RANK (nccl on CUDA, gloo
     on CPU), else staying a world of one: every later code path is the same. Leaves the group at the end.
-    timeout_minutes: how long a collective may wait for a peer before it raises (default: torch's)."""
+    timeout_minutes: how long a collective may wait for a peer before it raises (30: torch's default on gloo, and
+    train.py's --dist-timeout default; NCCL's own would be 10)."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
-        # NCCL's watchdog then ends a process whose collective failed or timed out, instead of leaving it blocked;
-        # a value the user set wins (the variable's name changed in torch 2.2).
-        if cuda and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"} & set(os.environ):
-            os.environ[("TORCH_" if torch.__version__ >= "2.2" else "") + "NCCL_ASYNC_ERROR_HANDLING"] = "1"
-        timeout = {"timeout": datetime.timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
-        dist.init_process_group("nccl" if cuda else "gloo", **timeout)
+        # On NCCL, torch's watchdog ends a process whose collective failed or ran over the timeout (its default
+        # since torch 2.2, TORCH_NCCL_ASYNC_ERROR_HANDLING=3, skips the communicator abort that can itself hang).
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     try:
         yield device
     finally:
@@ -74,14 +72,17 @@ def gather_all(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def folder_lock(folder: str):
-    """Holds an exclusive flock on folder/.lock for the block, the holder's pid and host written in it (emptied at
-    the end); yields None, or the reason the folder could not be locked (a file system without flock: the block
-    runs unlocked). The kernel releases the lock however the process ends, so a killed run leaves no stale lock.
-    RunError, the folder untouched, when another process holds it."""
+    """Makes folder if need be, then holds an exclusive flock on folder/.lock for the block, the holder's pid and
+    host written in it (emptied at the end); yields None, or the reason the folder could not be locked (a file
+    system without flock: the block runs unlocked). The kernel releases the lock however the process ends, so a
+    killed run leaves no stale lock. RunError, the folder untouched, when another process holds it, or when the
+    folder cannot be made or written."""
     try:
+        os.makedirs(folder, exist_ok=True)
         fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise RunError(f"cannot write to --out {folder} ({error.strerror or error}); choose another --out") from None
+        raise RunError(f"cannot make the output folder --out {folder}, or write in it ({error.strerror or error}); "
+                       f"choose another --out") from None
     unlocked = None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,12 +120,13 @@ def download_lock(root: str):
 
 @contextlib.contextmanager
 def stop_requests():
-    """Yields a list that SIGTERM (preemption) and Ctrl-C append to during the block: the loop polls it after each
-    step, saves, then exits. Install it only once the process group is joined, so that a signal before that
-    (torchrun ending the ranks of a run whose rank 0 stopped) ends the process at once."""
-    requests = []
-    previous = {sig: signal.signal(sig, lambda number, frame: requests.append(number))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    """Yields a list that SIGTERM (preemption), Ctrl-C and SIGUSR1 (a scheduler's "time limit near") append their
+    names to during the block: the loop polls it after each step, saves, then exits. Install it only once the
+    process group is joined, so that a signal before that (torchrun ending the ranks of a run whose rank 0
+    stopped) ends the process at once."""
+    requests = []   # a set of signals below: where there is no SIGUSR1 (Windows), SIGTERM stands in for it
+    previous = {sig: signal.signal(sig, lambda number, frame: requests.append(signal.Signals(number).name))
+                for sig in {signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", signal.SIGTERM)}}
     try:
         yield requests
     finally:

@@ -3107,18 +3107,90 @@ def test_exported_backbone_loads_into_torchvision(tmp_path):
     assert torch.equal(state["layer4.1.conv2.weight"], learner["online.trunk.layer4.1.conv2.weight"])
 
 
-def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
+QUEUE_WRAPPER = """
+import os, sys
+sys.path.insert(0, HERE)
+import torch, models, train
+last, enqueue, finish = [], models.MoCo.enqueue, train.finish
+def enqueue_and_keep(self, keys, *more):   # keys: what this rank enqueues, the global batch's in gathered order
+    last[:] = [keys.clone()]
+    return enqueue(self, keys, *more)
+def dump_then_finish(learner, args, *rest):   # each rank's queue, pointer and last keys, at the end of the run
+    torch.save(dict(queue=learner.queue, ptr=learner.queue_ptr, keys=last[0]),
+               os.path.join(args.out, "queue%s.pt" % os.environ["RANK"]))
+    return finish(learner, args, *rest)
+models.MoCo.enqueue, train.finish = enqueue_and_keep, dump_then_finish
+sys.exit(train.main(sys.argv[1:]))
+"""
+DDP_FLAGS = [*TINY, "--framework", "moco", "--queue-size", "32", "--max-steps", "3"]   # 3 steps, 24 of 32 queue rows
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_launcher_run(tmp_path_factory):
+    """DDP_FLAGS under one torchrun --nproc_per_node=2 (gloo), each rank's MoCo queue saved at the end by
+    QUEUE_WRAPPER: (its --out, the launcher's CompletedProcess)."""
+    tmp = tmp_path_factory.mktemp("one_launcher")
+    wrapper, out = tmp / "queues.py", str(tmp / "run")
+    wrapper.write_text(QUEUE_WRAPPER.replace("HERE", repr(HERE)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             str(wrapper), *DDP_FLAGS, "--out", out], cwd=HERE, capture_output=True, text=True,
+                            timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_two_process_torchrun_keeps_ranks_identical(one_launcher_run):
     """torchrun --nproc_per_node=2 (gloo) trains and ends with bit-identical weights on both ranks, printing no
     warning."""
-    out = str(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                             "train.py", *TINY, "--framework", "moco", "--queue-size", "32", "--max-steps", "3",
-                             "--out", out], cwd=HERE, capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out, result = one_launcher_run
     steps, (final,) = read_log(out)
     assert len(final["rank_checksums"]) == 2 and final["ranks_identical"]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert "Warning" not in result.stdout + result.stderr, result.stderr[-3000:]
+
+
+def test_two_launchers_as_two_nodes_train_the_one_launcher_run(one_launcher_run, tmp_path):
+    """Two torchrun launchers, --nnodes 2 --nproc_per_node 1 with a c10d rendezvous on localhost (two nodes on one
+    machine, gloo, one shared --out), train the run of one launcher with --nproc_per_node 2 on the same flags: one
+    log.jsonl with each step once, one checkpoint (world size 2), the same losses (the log's 5 decimals) and final
+    weight checksums (1e-9 relative). Every rank holds the same MoCo queue and pointer, its last rows the last
+    step's keys gathered from both ranks in rank order, and it is the one launcher's queue (1e-6)."""
+    wrapper, out, port = tmp_path / "queues.py", str(tmp_path / "run"), _free_port()
+    wrapper.write_text(QUEUE_WRAPPER.replace("HERE", repr(HERE)))
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend",
+            "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "two-nodes", str(wrapper), *DDP_FLAGS,
+            "--out", out]
+    launchers = [subprocess.Popen(node, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=ENV) for _ in range(2)]
+    try:
+        outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    reference, _ = one_launcher_run
+    (steps, (final,)), (expected, (expected_final,)) = read_log(out), read_log(reference)
+    assert [r["step"] for r in steps] == [1, 2, 3] and final["ranks_identical"] and len(final["rank_checksums"]) == 2
+    for got, want in zip(steps, expected):
+        assert {k: got[k] for k in ("loss", "loss_global", "loss_local", "lr")} == \
+               {k: want[k] for k in ("loss", "loss_global", "loss_local", "lr")}
+    assert final["rank_checksums"] == pytest.approx(expected_final["rank_checksums"], rel=1e-9)
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "backbone.pth", "checkpoint.pth", "log.jsonl",
+                                       "queue0.pt", "queue1.pt"]
+    state = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert (state["step"], state["world_size"]) == (3, 2)
+    ranks = [torch.load(os.path.join(out, f"queue{r}.pt"), weights_only=True) for r in range(2)]
+    one = torch.load(os.path.join(reference, "queue0.pt"), weights_only=True)
+    assert all(int(rank["ptr"]) == 24 for rank in ranks)
+    assert torch.equal(ranks[0]["queue"], ranks[1]["queue"]) and torch.equal(ranks[0]["keys"], ranks[1]["keys"])
+    assert torch.equal(ranks[0]["queue"][16:24], ranks[0]["keys"])   # the last step's 8 keys, in gathered order
+    torch.testing.assert_close(ranks[0]["queue"], one["queue"], atol=1e-6, rtol=0)
 
 
 KILL_RANK_WRAPPER = """
@@ -3299,6 +3371,61 @@ def test_resume_with_longer_epochs_is_accepted_with_a_note(borrowed_run, capsys)
     assert checkpoint_step(out) == 8
 
 
+def test_resume_of_a_byol_run_with_a_longer_epochs_keeps_its_derived_ema_and_rewrites_args_json(tmp_path, capsys):
+    """BYOL's default --ema comes from --epochs (0.99 up to 300 epochs, 0.996 beyond). --resume on an empty --out
+    starts the run (300 epochs: 0.99); the same flags with --epochs 400 continue it with the run's 0.99, not the
+    0.996 a fresh 400-epoch run derives, and the note names only the flags given: a default derived from another
+    flag is the run's. args.json, written at each start, holds every flag, the torch and torchvision versions,
+    the world size, the git commit and the start step."""
+    out = str(tmp_path / "run")
+    flags = [*TINY, "--framework", "byol", "--views", "two", "--resume", "--out", out]
+    assert train.main(flags + ["--epochs", "300", "--max-steps", "1"]) == 0
+    first = json.load(open(os.path.join(out, "args.json")))
+    assert train.main(flags + ["--epochs", "400", "--max-steps", "2"]) == 0
+    note, = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert note == "note: resuming with --epochs 400 --max-steps 2 (was --epochs 300 --max-steps 1)"
+    assert train.parse_args(flags + ["--epochs", "400"]).ema == 0.996
+    state = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert (state["args"]["ema"], state["args"]["epochs"], state["step"], state["world_size"]) == (0.99, 400, 2, 1)
+    steps, finals = read_log(out)
+    assert [r["step"] for r in steps] == [1, 2] and len(finals) == 1
+    assert steps[1]["ema"] == pytest.approx(1 - 0.01 * 0.5 * (1 + math.cos(math.pi * 1 / 1600)))   # step 1 of 1600
+    second = json.load(open(os.path.join(out, "args.json")))
+    assert (first["start_step"], second["start_step"]) == (0, 1)
+    assert (first["args"]["epochs"], second["args"]["epochs"], second["args"]["ema"]) == (300, 400, 0.99)
+    assert second["args"] == {**state["args"], "max_steps": 2}   # every flag, as the checkpoint has them
+    assert (second["torch"], second["torchvision"], second["world_size"]) == \
+           (torch.__version__, torchvision.__version__, 1)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    assert second["git_commit"] in ((head, head + "-dirty") if head else (None,))   # None outside a git checkout
+
+
+def test_resume_on_another_world_size_goes_on_with_a_note(one_launcher_run, tmp_path, capsys):
+    """The 2-process run's checkpoint (world size 2 saved with it), resumed in one process: the run goes on (step 4)
+    after one note naming both world sizes; the global batch is the same, what each process sees is not."""
+    out = str(tmp_path / "run")
+    shutil.copytree(one_launcher_run[0], out)
+    assert train.main(DDP_FLAGS + ["--max-steps", "4", "--resume", "--out", out]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2 and notes[0].startswith("note: resuming with --out ")   # (a moved folder) --max-steps
+    assert notes[1] == "note: resuming on 1 process(es), not 2: new BN groups"
+    assert checkpoint_step(out) == 4 and [r["step"] for r in read_log(out)[0]] == [1, 2, 3, 4]
+
+
+def test_ranks_that_found_different_checkpoints_stop_in_one_line(borrowed_run, monkeypatch):
+    """Where --out is not one folder for all ranks (no shared file system: rank 0 resumes at step 4, another finds no
+    checkpoint and starts at 0), the ranks compare their steps before any step and stop in one line; the folder is
+    as it was. (gather_all stands in for a second rank that found nothing.)"""
+    out, flags = borrowed_run
+    before = checkpoint_step(out)
+    monkeypatch.setattr(runtime, "gather_all", lambda tensor: torch.cat([tensor, torch.zeros_like(tensor)]))
+    with pytest.raises(SystemExit) as error:
+        train.main(flags + ["--epochs", "2", "--resume", "--out", out])
+    assert_one_line_error(error.value, f"the ranks found different checkpoints in --out {out}: put it on a file "
+                                       f"system every node shares")
+    assert checkpoint_step(out) == before and [r["step"] for r in read_log(out)[0]] == [1, 2, 3, 4]
+
+
 def test_resume_of_a_finished_run_keeps_one_final_record(borrowed_run):
     """--resume of a finished run trains nothing and leaves steps 1..N and exactly one final record."""
     out, flags = borrowed_run
@@ -3375,6 +3502,28 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert process.returncode == 1 and "checkpoint saved" in output
     assert checkpoint_step(out) >= 2
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+
+def test_sigusr1_stops_with_a_checkpoint_and_says_requeue_me(tmp_path, monkeypatch, capsys):
+    """SIGUSR1 (a scheduler's "time limit near") during step 2 stops like SIGTERM: step 2 finishes, the checkpoint
+    is saved, the last line says "requeue me", and train.main returns 75 (EX_TEMPFAIL); the same command then
+    continues the run to its end, each step logged once."""
+    calls, forward = [], models.MoCo.forward
+    def forward_then_signal(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(models.MoCo, "forward", forward_then_signal)
+    flags = [*TINY, "--framework", "moco", "--queue-size", "32", "--views", "two", "--epochs", "1", "--resume",
+             "--out", str(tmp_path / "run")]
+    assert train.main(flags) == 75
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "requeue me: stopped by signal at step 2; checkpoint saved, continue with --resume"
+    assert checkpoint_step(str(tmp_path / "run")) == 2
+    assert train.main(flags) == 0
+    steps, finals = read_log(str(tmp_path / "run"))
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and len(finals) == 1
 
 
 def _session_processes(session):

@@ -12,11 +12,13 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 import data
@@ -44,7 +46,10 @@ RULES = [("lr temperature jitter_alpha image_size crop_size crops batch_size epo
          ("ema mix_global_p mix_region_p mix_weight", lambda v: 0 <= v <= 1, "within [0, 1]")]
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, saved: dict = None):
+    """The flags (argv, default sys.argv) as a Namespace, every flag left unset filled in: from the framework's
+    recipe (BYOL's ema from --epochs; the jitter from the mosaic's size), or, given saved (a run's args, its
+    checkpoint's), from that run, so that a resume keeps the defaults the run derived."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--framework", choices=["moco", "byol"], default="byol")
     p.add_argument("--views", choices=["mosaic", "multicrop", "two"], default="mosaic", help="local views (README)")
@@ -68,10 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--mix-weight", type=float, default=0.5, help="cutmix: lambda, the weight of L_mixed")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="CPU: off; bf16 from compute capability 8, else fp16")
     p.add_argument("--out", default="runs/mosrep", help="folder for checkpoint.pth, backbone.pth, log.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pth")
+    p.add_argument("--resume", action="store_true", help="continue --out's run if it holds one, else start it")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dist-timeout", type=float, default=5.0, help="minutes a process waits for a peer, then stops")
+    p.add_argument("--dist-timeout", type=float, default=30.0, help="minutes a process waits for a peer, then stops")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders (docs/performance.md)")
     p.add_argument("--log-every", type=int, default=50, help="steps")
     p.add_argument("--knn-every", type=int, default=0, help="k-NN monitor every N epochs (0 = off)")
@@ -86,11 +91,11 @@ def parse_args(argv=None):
         if args.data is None:   # the ImageFolder copy if there, else torchvision's download
             found = os.path.isdir(os.path.join(data.DEMO_FOLDER, "train"))
             args.dataset, args.data = ("imagefolder", f"{data.DEMO_FOLDER}/train") if found else ("cifar10", "data")
-    long_byol = args.framework == "byol" and (args.epochs or 0) > 300
-    recipe = {**FRAMEWORK_DEFAULTS[args.framework], **({"ema": 0.996} if long_byol else {})}
+    mosaic_size = math.isqrt(max(0, args.crops)) * args.crop_size   # (check_args refuses a negative --crops)
+    recipe = saved or dict(FRAMEWORK_DEFAULTS[args.framework], jitter=default_jitter(mosaic_size),
+                           **({"ema": 0.996} if args.framework == "byol" and (args.epochs or 0) > 300 else {}))
+    # a flag not given (or dim, which has none) takes the recipe's value, or the saved run's
     vars(args).update({key: value for key, value in recipe.items() if getattr(args, key, None) is None})
-    if args.jitter is None and args.crops > 0:
-        args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     return args
 
 
@@ -121,10 +126,6 @@ def check_args(args, world: int):
         fail(f"--queue-size {args.queue_size} is smaller than the global batch {args.batch_size}")
     if args.amp == "fp16" and not torch.cuda.is_available():
         fail("--amp fp16 needs a GPU; use --amp bf16 or off on CPU")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as error:
-        fail(f"cannot make the output folder --out {args.out} ({error.strerror or error}); choose another --out")
 
 
 def default_amp(device: torch.device) -> str:
@@ -140,8 +141,10 @@ def fail(message: str):
 
 
 def main(argv=None) -> int:
-    """Parse, check, train: 0 when done, 1 when stopped by a signal (checkpoint saved). Every exit path, an error
-    included, lets the loader workers end, closes the log, leaves the process group and releases --out."""
+    """Parse, check, train: 0 when done; when stopped by a signal (checkpoint saved), 1 for SIGTERM or Ctrl-C and
+    75 for SIGUSR1 (EX_TEMPFAIL: "requeue me"). --resume with no checkpoint in --out starts the run, so that a
+    scheduler can rerun one command forever. Every exit path, an error included, lets the loader workers end,
+    closes the log, leaves the process group and releases --out."""
     args = parse_args(argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     try:   # rank 0 holds --out from before the first look at its files until the process ends
@@ -150,20 +153,28 @@ def main(argv=None) -> int:
             if unlocked:
                 print(f"note: cannot lock --out {args.out} ({unlocked}); running unlocked: start no other run on "
                       f"this folder", flush=True)
-            if not args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pth")):
+            path, checkpoint = os.path.join(args.out, "checkpoint.pth"), None
+            if os.path.exists(path) and not args.resume:
                 fail(f"{args.out}/checkpoint.pth exists; pass --resume to continue it, or choose another --out")
+            if os.path.exists(path):   # every rank reads it: all need its state
+                try:
+                    checkpoint = models.read_checkpoint(path)
+                    args = parse_args(argv, checkpoint["args"])   # the flags not given are the run's
+                except (ValueError, TypeError, KeyError, AttributeError) as error:   # not a train.py checkpoint
+                    fail(f"--resume: {error if isinstance(error, ValueError) else f'{path} holds no run'}; point "
+                         f"--out at the run's folder, or move {path} away")
             with runtime.distributed(args.dist_timeout) as device, runtime.stop_requests() as stop_signal:
                 try:
-                    return train(args, device, stop_signal)
+                    return train(args, device, stop_signal, checkpoint)
                 except RuntimeError as error:
                     say_lost_peers(error, args)
-                    raise
     except runtime.RunError as error:
         fail(str(error))
 
 
-def train(args, device, stop_signal: list) -> int:
-    """Build, then loop (step, log, epoch end), then finish. Returns 0 when done, 1 when stopped by a signal."""
+def train(args, device, stop_signal: list, checkpoint: dict = None) -> int:
+    """Build, resume from checkpoint (or start), then loop (step, log, epoch end), then finish. Returns main's exit
+    status."""
     world, rank, amp = runtime.world_size(), runtime.rank(), args.amp or default_amp(device)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
@@ -179,16 +190,17 @@ def train(args, device, stop_signal: list) -> int:
     learner, model = build_learner(args, device, world)
     peak_lr = args.lr * args.batch_size / 256   # the linear scaling rule, applied here and only here
     optimizer, scaler = build_optimizer(learner, args, peak_lr), torch.amp.GradScaler(enabled=amp == "fp16")
-    step = resume(args, learner, optimizer, scaler, steps_per_epoch) if args.resume else 0
+    step, logged = resume(args, checkpoint, learner, optimizer, scaler, steps_per_epoch) if checkpoint else (0, 0)
+    if len(set(runtime.gather_all(torch.tensor([step], device=device)).tolist())) > 1:   # not one --out for all
+        fail(f"the ranks found different checkpoints in --out {args.out}: put it on a file system every node shares")
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps or total_steps)
     log(f"{args.framework} + {args.views} views | {args.arch} ({args.stem} stem) | {len(dataset)} images | {world} "
         f"process(es) on {device.type} | batch {args.batch_size} | {steps_per_epoch} steps/epoch | peak lr "
-        f"{peak_lr:.4g} | amp {amp} | out {args.out}")
+        f"{peak_lr:.4g} | amp {amp} | out {args.out} from step {step}")
     with data.train_loader(dataset, args.batch_size // world, args.workers, args.seed, world, rank) as loader, \
-            (open(f"{args.out}/log.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as log_file:
-        learner.train()
+            (open_outputs(args, world, step, logged) if rank == 0 else contextlib.nullcontext()) as log_file:
         meter, stop = {"since": time.time(), "waited": 0.0, "steps": 0}, False
         while step < last_step and not stop:
             epoch = step // steps_per_epoch
@@ -209,12 +221,13 @@ def train(args, device, stop_signal: list) -> int:
                 fetched = time.time()
             if rank == 0:   # at the epoch end, the last step or a stop signal
                 save(args, learner, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                     steps_per_epoch=steps_per_epoch)
+                     steps_per_epoch=steps_per_epoch, world_size=world, log_bytes=log_file.tell())
             if args.knn_every and step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.knn_every == 0:
                 log(f"k-NN top-1 (k=20), epoch {epoch + 1}: {knn_report(learner.backbone, args, device, False)}")
-        if stop:
-            log(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
-            return 1
+        if stop:   # SIGUSR1 is a scheduler's "time limit near": 75 is EX_TEMPFAIL (sysexits.h), "try again later"
+            requeue = "SIGUSR1" in stop_signal   # this rank's own signal (rank 0's is the one said)
+            log(f"{'requeue me: ' * requeue}stopped by signal at step {step}; checkpoint saved, continue with --resume")
+            return 75 if requeue else 1
         finish(learner, args, device, step, log_file)
     return 0
 
@@ -286,29 +299,20 @@ class LARS(torch.optim.Optimizer):
 def schedules(step: int, total: int, warmup: int, peak_lr: float, args):
     """(lr, ema) at a step: lr warms up linearly, then follows a cosine to 0; ema is constant (MoCo) or follows a
     cosine from args.ema to 1 (BYOL)."""
-    if step < warmup:
-        lr = peak_lr * (step + 1) / warmup
-    else:
-        lr = peak_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    if args.framework == "moco":
-        return lr, args.ema
-    return lr, 1 - (1 - args.ema) * 0.5 * (1 + math.cos(math.pi * step / total))
+    cosine = lambda t: 0.5 * (1 + math.cos(math.pi * t))   # 1 at t = 0, 0 at t = 1
+    lr = peak_lr * ((step + 1) / warmup if step < warmup else cosine((step - warmup) / max(1, total - warmup)))
+    return lr, args.ema if args.framework == "moco" else 1 - (1 - args.ema) * cosine(step / total)
 
 
-def resume(args, learner, optimizer, scaler, steps_per_epoch: int) -> int:
-    """Load --out's checkpoint and return its step. Refused, naming the flags, when this command would not repeat
-    the run; a note lists deliberate changes (a longer --epochs...). log.jsonl is trimmed to the checkpoint's
-    step, so that the steps a crashed run logged after its last save are not logged twice."""
-    try:
-        checkpoint = models.read_checkpoint(os.path.join(args.out, "checkpoint.pth"))
-        saved = checkpoint["args"]
-    except (ValueError, TypeError, KeyError) as error:
-        fail(f"--resume: {error if isinstance(error, ValueError) else 'not a train.py checkpoint'}; drop --resume "
-             f"or point --out at the run's folder")
+def resume(args, checkpoint: dict, learner, optimizer, scaler, steps_per_epoch: int):
+    """Load --out's checkpoint (read by main) into the learner, optimizer and scaler; return its step and the size
+    log.jsonl had at its save (unknown, inf, in checkpoints from before log_bytes). The checkpoint is emptied
+    (main holds it too: the run keeps no second copy). Refused, naming the flags, when this command would not
+    repeat the run; a note lists deliberate changes (a longer --epochs...) and another world size."""
+    saved, step, logged = checkpoint["args"], checkpoint["step"], checkpoint.get("log_bytes", math.inf)
     changed = [key for key, value in vars(args).items() if saved.get(key, value) != value and key != "resume"]
     flags = lambda keys, source: " ".join(f"--{k.replace('_', '-')} {source.get(k)}" for k in keys)
     fixed = [key for key in changed if key not in ADJUSTABLE_ON_RESUME.split()]
-    fixed = ["framework"] if "framework" in fixed else fixed   # its recipe's defaults differ too
     if fixed:
         fail(f"--resume: {args.out} holds a {flags(fixed, saved)} run but this one is {flags(fixed, vars(args))}; "
              f"resuming would not repeat the run: pass the same flags, or choose another --out")
@@ -317,28 +321,23 @@ def resume(args, learner, optimizer, scaler, steps_per_epoch: int) -> int:
              f"{checkpoint['steps_per_epoch']}; point --data at the run's images")
     if changed:
         log(f"note: resuming with {flags(changed, vars(args))} (was {flags(changed, saved)})")
+    if checkpoint.get("world_size", runtime.world_size()) != runtime.world_size():   # the global batch stays
+        log(f"note: resuming on {runtime.world_size()} process(es), not {checkpoint['world_size']}: new BN groups")
     learner.load_state_dict(checkpoint["learner"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["scaler"] or not scaler.is_enabled():   # a bf16/off run saved no scaler state
-        scaler.load_state_dict(checkpoint["scaler"])
-    path = os.path.join(args.out, "log.jsonl")
-    if runtime.rank() == 0 and os.path.exists(path):
-        with open(path) as file:
-            records = [json.loads(line) for line in file if line.strip()]
-        kept = [r for r in records if r["step"] <= checkpoint["step"] and not r.get("final")]
-        with open(path, "w") as file:
-            file.writelines(json.dumps(r) + "\n" for r in kept)
-    return checkpoint["step"]
+    scaler.load_state_dict(checkpoint["scaler"] or scaler.state_dict())   # a bf16/off run saved none
+    checkpoint.clear()
+    return step, logged
 
 
 def train_step(batch, model, optimizer, scaler, autocast, args, device, step: int, stop_signal: list):
-    """One optimisation step on a loader batch; returns (losses, stop). Its one host sync is a small all-reduce:
-    every rank learns whether any saw a non-finite loss or a stop signal, so all stop at the same step."""
-    (x1, x2, crops), _ = batch   # labels are never used in pre-training
+    """One optimisation step on a loader batch ((x1, x2, crops), labels: the labels are never used in
+    pre-training); returns (losses, stop). Its one host sync is a small all-reduce: every rank learns whether any
+    saw a non-finite loss or a stop signal, so all stop at the same step."""
     # Every random choice of the step (colour augmentation, mosaic grouping, jitter, shuffle-BN order) is a function of
     # (seed, step, rank), so a resumed run repeats an uninterrupted one.
     torch.manual_seed(args.seed * 1_000_003 + step * 1009 + runtime.rank())
-    x1, x2, crops = (t.to(device, non_blocking=True) for t in (x1, x2, crops))   # uint8; crops [B, M, 3, s, s]
+    x1, x2, crops = (t.to(device, non_blocking=True) for t in batch[0])   # uint8; crops [B, M, 3, s, s]
     # The loader only cropped and flipped: colour, blur, solarize and normalisation run here, batched (augment.py).
     x1, x2 = augment(torch.cat([x1, x2]), args.framework, ("x1", "x2")).chunk(2)   # one call for both views
     if crops.shape[1]:
@@ -357,8 +356,26 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
         dist.all_reduce(status)
     loss_value, stop = status.tolist()
     if not math.isfinite(loss_value):
-        fail(f"non-finite loss {loss_value} at step {step + 1}; {checkpoint_status(args.out)}. Lower --lr, or use --amp bf16/off")
+        fail(f"non-finite loss {loss_value} at step {step + 1}; {checkpoint_status(args.out)}. Lower --lr, or use "
+             f"--amp bf16/off")
     return losses, bool(stop)
+
+
+def open_outputs(args, world: int, step: int, logged: int):
+    """Rank 0's start in --out, at step (0: a fresh start). Writes args.json: every flag, the torch and torchvision
+    versions, the world size, the git commit of this code (-dirty when changed; null outside a git checkout or
+    without git: the shell runs it, so a missing git is an empty answer) and step. Returns log.jsonl open for
+    appending, first cut to its first logged bytes, its size at the checkpoint's save: a resumed run does not log
+    twice the steps a crashed run logged after its last save, nor its final record; a fresh start (logged 0) drops
+    the log of a run that saved no checkpoint."""
+    commit = subprocess.run("git describe --always --dirty --abbrev=40 --exclude=*", shell=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True).stdout.strip()
+    with open(os.path.join(args.out, "args.json"), "w") as file:
+        json.dump(dict(args=vars(args), torch=torch.__version__, torchvision=torchvision.__version__,
+                       world_size=world, git_commit=commit or None, start_step=step), file, indent=1)
+    file = open(os.path.join(args.out, "log.jsonl"), "a")   # at its end: tell() is its size
+    file.seek(file.truncate(min(logged, file.tell())))   # never longer: a lost log stays empty
+    return file
 
 
 def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_step: int, lr: float, ema: float, args):
@@ -368,8 +385,7 @@ def log_step(log_file, losses: dict, meter: dict, epoch: int, step: int, last_st
     record = {"epoch": epoch, "step": step, **{k: round(v.item(), 5) for k, v in losses.items()}, "lr": lr, "ema": ema,
               "images_per_s": round(meter["steps"] * args.batch_size / elapsed, 1),
               "data_wait": round(meter["waited"] / elapsed, 3), "max_memory_gb": memory}
-    log_file.write(json.dumps(record) + "\n")
-    log_file.flush()
+    print(json.dumps(record), file=log_file, flush=True)
     print(f"ep {epoch} step {step}/{last_step} loss {record['loss']:.4f} (global {record['loss_global']:.4f} local "
           f"{record['loss_local']:.4f} mix {record['loss_mix']:.4f}) target-std {record['target_std']:.3f} lr {lr:.4g} "
           f"ema {ema:.5f} {record['images_per_s']:.0f} img/s data-wait {100 * record['data_wait']:.0f}% "
@@ -441,15 +457,14 @@ def log(message: str):
 
 def say_lost_peers(error: RuntimeError, args):
     """A failed collective (a peer process exited, the network dropped, or a peer stalled beyond --dist-timeout)
-    ends this rank with one line: what, which rank, what is kept, how to go on. Any other error: returns."""
+    ends this rank with one line: what, which rank, what is kept, how to go on. Any other error is raised again."""
     reason = runtime.lost_peers(error)
     if reason is None:
-        return
-    rerun = "rerun the same command" + " with --resume" * os.path.exists(os.path.join(args.out, "checkpoint.pth"))
+        raise error
     # Printed now, while SIGTERM only requests a stop: once the handlers are restored torchrun's SIGTERM ends us.
     print(f"error: rank {runtime.rank()} lost its peers: a peer process exited, the network dropped or a peer "
-          f"stalled over --dist-timeout {args.dist_timeout:g} min ({reason}); {checkpoint_status(args.out)}; {rerun}",
-          file=sys.stderr, flush=True)
+          f"stalled over --dist-timeout {args.dist_timeout:g} min ({reason}); {checkpoint_status(args.out)}; rerun "
+          f"the same command with --resume", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
 
 

@@ -1,12 +1,16 @@
 """Tests of the tools under tools/: bench.py (the op count of a step), check_gpu.py (the plan, its dry run, the
-runner, the verdicts), cifar_table.py (its commands and epoch fit) and convert_detectron2.py. The method's
+runner, the verdicts), cifar_table.py (its commands and epoch fit), convert_detectron2.py and slurm.sbatch (under
+a fake srun and scontrol). The method's
 specification is test_mosrep.py; `python -m pytest -q` at the repository root runs both."""
 import argparse
 import json
 import os
 import pickle
 import re
+import signal
+import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -25,6 +29,7 @@ import models  # noqa: E402
 import train  # noqa: E402
 from check_gpu import PY, CheckFailed, Runner, Step  # noqa: E402
 from test_mosrep import _one_intra_op_thread, assert_one_line_error  # noqa: E402, F401 (an autouse fixture)
+from test_mosrep import ENV, TINY, _free_port, checkpoint_step, read_log  # noqa: E402
 
 
 # ==================================================================================================
@@ -423,3 +428,84 @@ def test_convert_bad_input_and_output_fail_in_one_line(tmp_path):
     with pytest.raises(SystemExit) as error:
         convert_detectron2.main([path, str(tmp_path / "no" / "such" / "d2.pkl")])
     assert_one_line_error(error.value, "cannot write")
+
+
+# ==================================================================================================
+# tools/slurm.sbatch
+# ==================================================================================================
+
+FAKE_SRUN = r"""#!/bin/bash
+# A stand-in for SLURM's srun in a batch job: runs the command (its first argument that is not an option) once per
+# node of the job with that node's SLURM_NODEID, records each node's command line in $FAKE_SLURM_LOG, passes USR1
+# and TERM on to them (srun forwards signals to its tasks) and exits with the first non-zero status.
+while [[ $1 == -* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+    echo "node $node: $*" >> "$FAKE_SLURM_LOG"
+    SLURM_NODEID=$node "$@" &
+    pids+=($!)
+done
+trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+status=0
+for pid in "${pids[@]}"; do
+    while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done
+    [ "$status" = 0 ] && status=$code
+done
+exit "$status"
+"""
+FAKE_SCONTROL = r"""#!/bin/bash
+# A stand-in for SLURM's scontrol: `show hostnames LIST` prints LIST's comma-separated names one a line; `requeue ID`
+# is recorded in $FAKE_SLURM_LOG.
+case "$1" in
+    show) tr , '\n' <<< "$3" ;;
+    requeue) echo "requeue $2" >> "$FAKE_SLURM_LOG" ;;
+esac
+"""
+
+
+def test_slurm_script_runs_a_torchrun_per_node_and_requeues_itself_after_sigusr1(tmp_path):
+    """tools/slurm.sbatch under a fake srun and scontrol (2 nodes of 1 CPU "GPU" each, on this machine): srun
+    starts on each node torchrun with 2 nodes, the rendezvous on the first host scontrol names, the job id, SIGUSR1
+    passed on to the ranks, train.py --resume and the flags. SIGUSR1 to the batch shell (sbatch --signal=B:USR1)
+    stops both ranks at the same step with the checkpoint saved and "requeue me" (their loader workers survive
+    torchrun's signal to their process groups), and the script runs `scontrol requeue <job id>`. The requeued job,
+    the same command, continues the run to its end: each step logged once, one final record, no second requeue."""
+    bin_dir, log, port = tmp_path / "bin", tmp_path / "slurm.log", _free_port()
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**ENV, "PATH": os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1,localhost",
+           "SLURM_GPUS_ON_NODE": "1", "MASTER_PORT": str(port), "FAKE_SLURM_LOG": str(log)}
+    out = str(tmp_path / "run")
+    flags = [*TINY, "--fake-size", "64", "--workers", "1", "--framework", "moco", "--queue-size", "32", "--views",
+             "two", "--epochs", "1", "--out", out]   # 8 steps
+    job = subprocess.Popen(["bash", "tools/slurm.sbatch", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    watchdog = threading.Timer(240, os.killpg, (job.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        for line in job.stdout:
+            if " step 1/8 " in line:
+                job.send_signal(signal.SIGUSR1)   # what SLURM sends the batch shell 120 s before the time limit
+                break
+        output = job.communicate(timeout=120)[0]
+    finally:
+        watchdog.cancel()
+    command = (f"torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:{port} "
+               f"--rdzv_id 4242 --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 train.py --resume "
+               + " ".join(flags))
+    assert log.read_text().splitlines() == [f"node 0: {command}", f"node 1: {command}", "requeue 4242"], output[-3000:]
+    stopped = [line for line in output.splitlines() if "stopped by signal" in line]
+    assert len(stopped) == 1 and stopped[0].startswith("requeue me: stopped by signal at step "), output[-3000:]
+    saved = checkpoint_step(out)
+    assert job.returncode != 0 and stopped[0].split(" at step ")[1].startswith(f"{saved};") and 1 <= saved < 8
+    assert "lost its peers" not in output and "Traceback" not in output.split("requeue me")[0]
+    requeued = subprocess.run(["bash", "tools/slurm.sbatch", *flags], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=env)
+    assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
+    steps, finals = read_log(out)
+    assert [r["step"] for r in steps] == list(range(1, 9)) and len(finals) == 1 and finals[0]["ranks_identical"]
+    assert log.read_text().count("requeue") == 1
