@@ -18,10 +18,11 @@ import torch
 import torch.nn as nn
 
 from data import build_splits, eval_transform
-from eval_knn import accuracy, add_common_args, build_trunk, extract_features, process_batch, shard_loader
+from eval_knn import accuracy, add_common_args, build_trunk, extract_features, one_line_errors, process_batch, \
+    shard_loader
 from eval_linear import add_label_args, epoch_loader, label_subset
 from models import read_checkpoint
-from runtime import distributed, rank, world_size
+from runtime import default_amp, distributed, rank, world_size
 
 
 def parse_args():
@@ -29,7 +30,7 @@ def parse_args():
     parser.add_argument("--lr", type=float, default=0.05, help="per 256 images: the peak lr is lr x --batch-size / 256")
     parser.add_argument("--epochs", type=int, help="default 60 when the labelled images are under 5 %% of train "
                         "(SimCLR's 1 %%), else 30 (its 10 %%)")
-    parser.add_argument("--amp", choices=["bf16", "fp16", "off"], help="default: bf16 on CUDA, off on CPU")
+    parser.add_argument("--amp", choices=["bf16", "fp16", "off"], help="as train.py: CPU off; bf16 from compute capability 8, else fp16")
     parser.add_argument("--save", help="folder for checkpoint.pth (every epoch) and finetuned.pth (at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from --save's checkpoint.pth")
     add_label_args(parser)
@@ -102,7 +103,7 @@ def fine_tune(args, net, model, loader, device, amp: str):
 
 def main():
     args, start = parse_args(), time.time()
-    with distributed() as device:
+    with distributed() as device, one_line_errors():
         net = build_trunk(args, device)   # torchvision's ResNet keys: with fc, the whole network
         train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
             args.image_size, random_crop=True), eval_transform(args.image_size), args.image_size, args.fake_size)
@@ -118,7 +119,7 @@ def main():
             if world_size() > 1 else classifier
         loader = epoch_loader(labelled, process_batch(args.batch_size), args, device)
         os.makedirs(args.save or ".", exist_ok=True)
-        fine_tune(args, net, model, loader, device, args.amp or ("bf16" if device.type == "cuda" else "off"))
+        fine_tune(args, net, model, loader, device, args.amp or default_amp(device))
         for buffer in net.buffers() if world_size() > 1 else ():   # rank 0's BN statistics: what it exports
             torch.distributed.broadcast(buffer, 0)
         classifier.pooled, classifier.out_channels = classifier.forward, num_classes   # extract_features: logits

@@ -49,6 +49,13 @@ def distributed(timeout_minutes: float = 30):
             dist.destroy_process_group()
 
 
+def default_amp(device: torch.device) -> str:
+    """--amp's default on device: bf16 where the GPU computes it natively (compute capability 8.0 and later: A100,
+    H100, RTX 30xx on), fp16 (with a GradScaler) on older GPUs, off on the CPU. V100 and T4 have fp16
+    tensor cores but no bf16 ones: torch.cuda.is_bf16_supported() says True there, for an emulation."""
+    return "off" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
 def world_size() -> int:
     """The number of processes in the group (1 without one)."""
     return dist.get_world_size() if dist.is_initialized() else 1

@@ -2166,8 +2166,8 @@ def test_amp_defaults_to_bf16_only_where_the_gpu_computes_it_natively(monkeypatc
     True by emulation), off on the CPU."""
     for capability, amp in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        assert train.default_amp(torch.device("cuda", 0)) == amp, capability
-    assert train.default_amp(torch.device("cpu")) == "off"
+        assert runtime.default_amp(torch.device("cuda", 0)) == amp, capability
+    assert runtime.default_amp(torch.device("cpu")) == "off"
 
 
 def test_parse_args_recipes_and_default_jitter():

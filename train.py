@@ -29,13 +29,13 @@ from mosaic import default_jitter, make_mosaic
 
 # Per-framework defaults, used where argparse gives None (lr per 256 images; BYOL's ema: 0.996 beyond 300 epochs).
 FRAMEWORK_DEFAULTS = {"moco": dict(lr=0.03, wd=1e-4, optimizer="sgd", warmup_epochs=0, ema=0.999, epochs=200, dim=128),
-           "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99, epochs=300, dim=256)}
+                      "byol": dict(lr=0.3, wd=1.5e-6, optimizer="lars", warmup_epochs=10, ema=0.99, epochs=300, dim=256)}
 # The CPU demo on CIFAR-10 (README): 64 px views leave the ImageNet stem a 2x2 C5 map to align RoIs on, at a
 # quarter of the cifar stem's cost; each framework's recipe learns within minutes, as the ImageNet ones can't.
 DEMO = dict(framework="moco", arch="resnet18", stem="imagenet", image_size=64, crop_size=32, batch_size=128,
             epochs=1, workers=2, knn_final=True, log_every=10, out="runs/demo")
 DEMO_FRAMEWORK_DEFAULTS = {"moco": dict(lr=0.4, queue_size=0, max_steps=180),   # in-batch negatives only
-                "byol": dict(optimizer="lars", lr=5.0, warmup_epochs=0, max_steps=180)}
+                           "byol": dict(optimizer="lars", lr=5.0, warmup_epochs=0, max_steps=180)}
 # What a resumed run may change: none alters the steps it repeats (a longer --epochs stretches the schedule).
 ADJUSTABLE_ON_RESUME = ("epochs max_steps workers amp data val_data out log_every knn_every knn_final knn_samples demo "
                         "resume dist_timeout compile")
@@ -128,13 +128,6 @@ def check_args(args, world: int):
         fail("--amp fp16 needs a GPU; use --amp bf16 or off on CPU")
 
 
-def default_amp(device: torch.device) -> str:
-    """--amp's default on device: bf16 where the GPU computes it natively (compute capability 8.0 and later: A100,
-    H100, RTX 30xx on), fp16 (with train_step's GradScaler) on older GPUs, off on the CPU. V100 and T4 have fp16
-    tensor cores but no bf16 ones: torch.cuda.is_bf16_supported() says True there, for an emulation."""
-    return "off" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-
-
 def fail(message: str):
     """Stop with a one-line error (exit code 1): bad input is the user's to fix, not a traceback."""
     raise SystemExit(f"error: {message}")
@@ -175,7 +168,7 @@ def main(argv=None) -> int:
 def train(args, device, stop_signal: list, checkpoint: dict = None) -> int:
     """Build, resume from checkpoint (or start), then loop (step, log, epoch end), then finish. Returns main's exit
     status."""
-    world, rank, amp = runtime.world_size(), runtime.rank(), args.amp or default_amp(device)
+    world, rank, amp = runtime.world_size(), runtime.rank(), args.amp or runtime.default_amp(device)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     views = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, args.crops * (args.views != "two"))

@@ -42,6 +42,7 @@ import augment  # noqa: E402
 import data  # noqa: E402
 import eval_transfer  # noqa: E402
 import models  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from mosaic import default_jitter, make_mosaic  # noqa: E402
 
@@ -89,7 +90,7 @@ def parse_args(argv=None):
         sys.exit("bench.py: --device cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                  "use --device cpu")
     vars(args).update({key: value for key, value in DEFAULTS[args.device].items() if getattr(args, key) is None})
-    args.amp = args.amp or train.default_amp(torch.device(args.device))   # train.py's: bf16 on compute capability 8+
+    args.amp = args.amp or runtime.default_amp(torch.device(args.device))   # train.py's: bf16 on compute capability 8+
     if args.jitter is None and args.crops > 0:
         args.jitter = default_jitter(math.isqrt(args.crops) * args.crop_size)
     if math.isqrt(args.crops) ** 2 != args.crops or args.batch_size < args.crops or args.warmup < 0 or args.steps < 1:
