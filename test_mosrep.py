@@ -6,6 +6,7 @@ Every test's docstring is the one spec it pins. Run: python -m pytest -q (both f
 import argparse
 import ast
 import errno
+import importlib
 import inspect
 import itertools
 import json
@@ -2642,6 +2643,114 @@ def test_fit_logistic_matches_a_float64_newton_solve(lam):
         W, b, _ = eval_transfer.fit_logistic(features, labels, 3, lam, init)
         assert (W - newton_W).abs().max() < 1e-4
         assert ((b - b.mean()) - (newton_b - newton_b.mean())).abs().max() < 1e-4
+
+
+def _lbfgs_fit(features, labels, num_classes, lam, init=None, tolerance=1e-5, max_iter=1000):
+    """eval_transfer.fit_logistic as it was before truncated Newton (full-batch fp64 L-BFGS, strong Wolfe line
+    search, the same stopping rule): today's optimum, the reference of the specs below."""
+    if init is None:
+        counts = torch.bincount(labels, minlength=num_classes).to(features)
+        init = features.new_zeros(features.shape[1], num_classes), counts.clamp_min(1).log()
+    objective = _objective(features, labels, lam)
+    zero = [torch.zeros_like(tensor, requires_grad=True) for tensor in init]
+    reference = float(max(grad.abs().max() for grad in torch.autograd.grad(objective(*zero), zero)))
+    W, b = (tensor.detach().clone().requires_grad_() for tensor in init)
+    optimizer = torch.optim.LBFGS([W, b], max_iter=max_iter, tolerance_grad=tolerance * reference,
+                                  tolerance_change=0, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = objective(W, b)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    closure()
+    eval_transfer._PROBLEM["steps"] = (0, 0)   # what transfer_fit reads after each fit
+    return W.detach(), b.detach(), float(max(W.grad.abs().max(), b.grad.abs().max())) / reference
+
+
+def _correlated_classes(n, d, k, seed):
+    """_gaussian_classes mixed by a random map of singular values 1 down to 1e-3, then standardised: correlated
+    columns, as pooled CNN features are (their Gram matrix spans decades), which slow plain gradient methods."""
+    features, labels = _gaussian_classes(n, d, k, seed, spread=0.5)
+    mixing = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    features = features @ (mixing * torch.logspace(0, -3, d, dtype=torch.float64))
+    return (features - features.mean(0)) / features.std(0), labels
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+@pytest.mark.parametrize("lam", [1e-6, 1e-3, 1.0, 1e3])
+def test_fit_logistic_reaches_todays_float64_optimum_from_the_weakest_to_a_strong_lambda(lam, correlated):
+    """600 x 6 features of 3 overlapping classes (a finite optimum even at lambda 1e-6), plain or correlated:
+    truncated Newton (fp32 directions, fp64 gradient), from zero and warm from lambda * 10, converges to the
+    optimum of an independent float64 Newton solve: objective within 1e-10, W and centred b within 2e-5 (the
+    stopping rule allows ~1e-5 here). Today's L-BFGS, warm-started as in the sweep, is within 1e-9 and 1e-4."""
+    features, labels = (_correlated_classes if correlated else
+                        lambda *a: _gaussian_classes(*a, spread=0.5))(600, 6, 3, 3)
+    objective, (newton_W, newton_b) = _objective(features, labels, lam), _newton(features, labels, 3, lam)
+    warm = eval_transfer.fit_logistic(features, labels, 3, lam * 10)[:2]
+    today = _lbfgs_fit(features, labels, 3, lam, [tensor.clone() for tensor in warm], max_iter=200)
+    fits = [eval_transfer.fit_logistic(features, labels, 3, lam, init) for init in (None, warm)]
+    for (W, b, relative), (value, weights) in [(fit, (1e-10, 2e-5)) for fit in fits] + [(today, (1e-9, 1e-4))]:
+        assert abs(float(objective(W, b) - objective(newton_W, newton_b))) < value
+        assert (W - newton_W).abs().max() < weights
+        assert ((b - b.mean()) - (newton_b - newton_b.mean())).abs().max() < weights
+    assert all(relative <= 1e-5 for *_, relative in fits)
+
+
+def test_fit_logistic_with_fewer_images_than_dimensions_reaches_the_optimum_in_their_span():
+    """20 images of 50 dimensions (lambda 0.1): the l2 optimum lies in the span of the images, so a float64 Newton
+    solve on their coordinates in an orthonormal basis Q of it gives it exactly (W = Q W_span); the fit converges
+    and lands there: objective within 1e-8, W within 1e-4 (the preconditioner is exact off the span: H = lambda)."""
+    features, labels = _gaussian_classes(20, 50, 4, seed=5)
+    span = torch.linalg.svd(features, full_matrices=False)[2].T   # [50, 20]
+    W_span, b_span = _newton(features @ span, labels, 4, 0.1)
+    W, b, relative = eval_transfer.fit_logistic(features, labels, 4, 0.1)
+    objective = _objective(features, labels, 0.1)
+    assert relative <= 1e-5 and abs(float(objective(W, b) - objective(span @ W_span, b_span))) < 1e-8
+    assert (W - span @ W_span).abs().max() < 1e-4
+
+
+def test_transfer_fit_picks_todays_lambda_and_test_accuracy_and_prints_a_line_per_fit(monkeypatch, capsys):
+    """A small fixed dataset (500 x 8, 3 classes; its val curve peaks at lambda 0.56 alone): the new sweep's val
+    curve, chosen lambda and test top-1 equal those of today's L-BFGS sweep; one progress line per fit (lambda,
+    score, steps, seconds, ETA), and the JSON's fits: 45 + the refit, all converged."""
+    features, labels = _gaussian_classes(500, 8, 3, seed=10, spread=0.5)
+    train, val, test = ((features[part], labels[part]) for part in (slice(300), slice(300, 400), slice(400, None)))
+    result = eval_transfer.transfer_fit(train, val, test)
+    lines = capsys.readouterr().out.splitlines()
+    with monkeypatch.context() as patch:
+        patch.setattr(eval_transfer, "fit_logistic", _lbfgs_fit)
+        today = eval_transfer.transfer_fit(train, val, test)
+    assert result["val_curve"] == today["val_curve"] and result["best_lambda"] == today["best_lambda"]
+    assert result["best_lambda"] == pytest.approx(0.5623413) and result["test"] == today["test"] == 78.0
+    assert len(lines) == 46 and all(re.fullmatch(r"  lambda \S+: (val \(\d+ of 45\)|refit, test) [\d.]+ %, \d+ Newton "
+                                                  r"steps \(\d+ Hessian products\), [\d.]+ s, relative gradient "
+                                                  r"\S+, ETA \d+ s", line) for line in lines)
+    assert lines[0].startswith("  lambda 1e+05: val (1 of 45)")
+    assert lines[-1].startswith("  lambda 0.562: refit, test 78.00 %")
+    fits = result["fits"]
+    assert [fit[0] for fit in fits] == pytest.approx(eval_transfer.LAMBDAS + [result["best_lambda"]])
+    assert all(fit[2] >= fit[1] >= 0 and fit[3] >= 0 and fit[4] <= 1e-5 for fit in fits)
+
+
+def test_bench_transfer_sets_the_sweep_beside_scikit_learns_or_says_it_is_missing(monkeypatch, capsys):
+    """bench.py --transfer 400 8 3: the TRANSFER line has our seconds, lambda, top-1 and worst relative gradient;
+    with scikit-learn, its lbfgs sweep over the same protocol picks the same lambda and top-1, none at
+    max_iter, and the speed-up; without it (import blocked here), the line says so."""
+    bench.bench_transfer(400, 8, 3, torch.device("cpu"))
+    line = capsys.readouterr().out.splitlines()[-1]
+    ours = re.match(r"TRANSFER features=400x8 classes=3 device=cpu threads=\d+ sweep\+refit=[\d.]+s lambda=(\S+) "
+                    r"test_top1=(\S+) relative_gradient=(\S+) \| ", line)
+    assert ours and float(ours[3]) <= 1e-5
+    if importlib.util.find_spec("sklearn") is not None:
+        theirs = re.search(r"\| scikit-learn lbfgs: sweep\+refit=[\d.]+s lambda=(\S+) test_top1=(\S+) "
+                           r"relative_gradient=(\S+) fits_at_max_iter=0 \| speed-up=[\d.]+x ", line)
+        assert theirs and theirs.groups()[:2] == ours.groups()[:2] and float(theirs[3]) < 1e-4
+    monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)
+    bench.bench_transfer(400, 8, 3, torch.device("cpu"))
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| scikit-learn not installed (pip install scikit-learn)")
 
 
 def test_score_top1_and_mean_per_class_by_hand():
