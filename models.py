@@ -7,7 +7,6 @@ loss_local, loss_mix, target_std}. `mix` adds one of the image mixtures of mixtu
 one process and under DDP: the cross-process steps (gathering keys, shuffle-BN) do nothing without a process group.
 """
 import copy
-import math
 import os
 
 import torch
@@ -43,9 +42,8 @@ class Trunk(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = net.fc.in_features
-        # The real stride, read off the layers (torchvision blocks keep theirs): roi_align's scale is 1 / stride.
-        self.stride = self.conv1.stride[0] * getattr(self.maxpool, "stride", 1) * math.prod(
-            layer[0].stride for layer in (self.layer1, self.layer2, self.layer3, self.layer4))
+        # roi_align's scale is 1 / stride: conv1 and maxpool halve (imagenet stem), as do layer2, layer3, layer4.
+        self.stride = 8 if stem == "cifar" else 32
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Inputs follow the weights' layout (train.py makes them channels_last), else every conv converts them.

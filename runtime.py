@@ -4,7 +4,7 @@
   the same on a laptop and on many GPUs; `world_size`, `rank` and `gather_all` work in both.
 - `folder_lock()` gives one run at a time its output folder; `download_lock()` one download at a time its dataset
   folder; `stop_requests()` turns SIGTERM, Ctrl-C and SIGUSR1 (a scheduler's warning that the time limit is near)
-  into a request the loop polls; `lost_peers()` recognises a collective that failed because a peer went away.
+  into a request the loop polls.
 
 Imports only torch. Nothing here prints or exits: the errors are `RunError` (or ValueError) with the fix in the
 message, and the scripts turn them into their one line.
@@ -139,13 +139,3 @@ def stop_requests():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def lost_peers(error: BaseException):
-    """The reason, in a few words, when error is a collective that failed because a peer process exited, the
-    network dropped or a peer stalled past the timeout; None for any other error. gloo raises a plain RuntimeError
-    naming itself, NCCL a DistError."""
-    if world_size() == 1 or not isinstance(error, RuntimeError) or not (
-            isinstance(error, getattr(dist, "DistError", ())) or "gloo" in str(error) or "NCCL" in str(error)):
-        return None
-    return str(error).split("] ", 1)[-1].split(". ")[0][:120]   # drops gloo's source location

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                     return train(args, device, stop_signal, checkpoint)
                 except RuntimeError as error:
                     say_lost_peers(error, args)
-    except runtime.RunError as error:
+    except (runtime.RunError, ValueError) as error:   # what the libraries raise on bad input (data.py's data)
         fail(str(error))
 
 
@@ -172,11 +172,7 @@ def train(args, device, stop_signal: list, checkpoint: dict = None) -> int:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     views = data.MultiViewTransform(args.framework, args.image_size, args.crop_size, args.crops * (args.views != "two"))
-    try:
-        dataset = data.build_dataset(args.dataset, args.data, True, views, args.image_size, args.fake_size,
-                                     unlabeled=True)
-    except ValueError as error:
-        fail(str(error))
+    dataset = data.build_dataset(args.dataset, args.data, True, views, args.image_size, args.fake_size, unlabeled=True)
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} images make no full batch of {args.batch_size}; lower --batch-size")
@@ -316,9 +312,9 @@ def resume(args, checkpoint: dict, learner, optimizer, scaler, steps_per_epoch: 
         log(f"note: resuming with {flags(changed, vars(args))} (was {flags(changed, saved)})")
     if checkpoint.get("world_size", runtime.world_size()) != runtime.world_size():   # the global batch stays
         log(f"note: resuming on {runtime.world_size()} process(es), not {checkpoint['world_size']}: new BN groups")
-    learner.load_state_dict(checkpoint["learner"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"] or scaler.state_dict())   # a bf16/off run saved none
+    for part, state in ((learner, checkpoint["learner"]), (optimizer, checkpoint["optimizer"]),
+                        (scaler, checkpoint["scaler"] or scaler.state_dict())):   # a bf16/off run saved no scaler
+        part.load_state_dict(state)
     checkpoint.clear()
     return step, logged
 
@@ -335,9 +331,9 @@ def train_step(batch, model, optimizer, scaler, autocast, args, device, step: in
     x1, x2 = augment(torch.cat([x1, x2]), args.framework, ("x1", "x2")).chunk(2)   # one call for both views
     if crops.shape[1]:
         crops = augment(crops.flatten(0, 1), args.framework, "crops").unflatten(0, crops.shape[:2])
-    local = {"two": None, "multicrop": crops}.get(args.views)
-    if args.views == "mosaic":   # built here, on the device: grouping crops across images needs the batch
-        local = make_mosaic(crops, args.jitter, args.jitter_alpha)
+    # The mosaic is built here, on the device: grouping crops across images needs the batch.
+    local = make_mosaic(crops, args.jitter, args.jitter_alpha) if args.views == "mosaic" else \
+        {"two": None, "multicrop": crops}[args.views]
     with autocast:
         losses = model(x1, x2, local)
     optimizer.zero_grad(set_to_none=True)
@@ -451,9 +447,10 @@ def log(message: str):
 def say_lost_peers(error: RuntimeError, args):
     """A failed collective (a peer process exited, the network dropped, or a peer stalled beyond --dist-timeout)
     ends this rank with one line: what, which rank, what is kept, how to go on. Any other error is raised again."""
-    reason = runtime.lost_peers(error)
-    if reason is None:
+    if runtime.world_size() == 1 or not (isinstance(error, getattr(dist, "DistError", ())) or "gloo" in str(error)
+                                         or "NCCL" in str(error)):   # gloo: a plain RuntimeError naming itself
         raise error
+    reason = str(error).split("] ", 1)[-1].split(". ")[0][:120]   # drops gloo's source location
     # Printed now, while SIGTERM only requests a stop: once the handlers are restored torchrun's SIGTERM ends us.
     print(f"error: rank {runtime.rank()} lost its peers: a peer process exited, the network dropped or a peer "
           f"stalled over --dist-timeout {args.dist_timeout:g} min ({reason}); {checkpoint_status(args.out)}; rerun "
