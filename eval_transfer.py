@@ -82,33 +82,20 @@ def held_out(labels: torch.Tensor, seed: int):
     return keep.nonzero().flatten(), val
 
 
-_PROBLEM = {}   # what fit_logistic keeps of the last features it saw: a sweep fits the same features 45 times
+_PROBLEM = {}   # of the last features fit_logistic saw (a sweep fits the same ones 45 times): their fp32 copy and
+#                the eigenbasis of their Gram matrix; and that fit's (Newton steps, Hessian products)
 logits = lambda x, theta: x @ theta[:-1] + theta[-1]   # theta = [W; b], [D + 1, K]
 adjoint = lambda x, R: torch.cat([(R.T @ x).T, R.sum(0, keepdim=True)])   # R [N, K] -> [x, 1]^T R, [D + 1, K]
 penalised = lambda theta: torch.cat([theta[:-1], torch.zeros_like(theta[-1:])])   # W's rows, the bias as 0
 
 
-def _problem(features, labels, num_classes: int) -> dict:
-    """fit_logistic's state for these features, computed once for a sweep: one-hot targets, an fp32 copy, the
-    eigenbasis (U, S) of the Gram matrix X^T X / N (fp32, for the preconditioner) and the reference of the tolerance
-    (the largest gradient entry at W = 0, b = 0)."""
-    if _PROBLEM.get("features") is not features or _PROBLEM.get("labels") is not labels \
-            or _PROBLEM.get("num_classes") != num_classes:
-        targets, x32 = F.one_hot(labels, num_classes).to(features), features.float()
-        eigenvalues, eigenvectors = torch.linalg.eigh(x32.T @ x32 / len(x32))
-        reference = float(adjoint(features, 1 / num_classes - targets).abs().max()) / len(features)
-        _PROBLEM.clear()
-        _PROBLEM.update(features=features, labels=labels, num_classes=num_classes, targets=targets, x32=x32,
-                        basis=(eigenvectors, eigenvalues.clamp_min(0)), reference=max(reference, 1e-300))
-    return _PROBLEM
-
-
 def _newton_direction(problem, P, lam: float, gradient, target: float, budget: int):
     """Preconditioned conjugate gradient on H d = -gradient, d [D + 1, K] and H the Hessian at the softmax
-    probabilities P [N, K], in fp32 (a direction needs no more: the fp64 gradient decides convergence). The
-    preconditioner c X^T X / N + lam (bias: c), c the mean curvature of one logit, applied through the eigenbasis,
-    undoes the features' correlations (and off their span, where N < D, it is H itself). Stops when every entry of
-    the model's gradient H d + gradient is at most target, or after budget products. Returns (d in fp64, products)."""
+    probabilities P [N, K], in fp32 (a direction needs no more: the fp64 gradient decides convergence), on
+    problem's (_PROBLEM's) x32 and basis. The preconditioner c X^T X / N + lam (bias: c), c the mean curvature of
+    one logit, applied through the eigenbasis, undoes the features' correlations (and off their span, where N < D,
+    it is H itself). Stops when every entry of the model's gradient H d + gradient is at most target, or after
+    budget products. Returns (d in fp64, products)."""
     x32, (U, S), P = problem["x32"], problem["basis"], P.float()
     c = max(float((1 - P.square().sum(1)).mean()) / max(P.shape[1] - 1, 1), 1e-12)
     precondition = lambda r: torch.cat([U @ (U.T @ r[:-1] / (c * S + lam)[:, None]), r[-1:] / c])
@@ -140,21 +127,25 @@ def fit_logistic(features, labels, num_classes: int, lam: float, init=None, tole
     W = 0 and b = log class counts (the optimum at W = 0). features [N, D] float64, labels [N]. It stops when every
     entry of the fp64 gradient is at most tolerance times the largest one at W = 0, b = 0, or after max_iter
     Hessian products. Returns (W, b, that relative gradient); _PROBLEM["steps"] = (Newton steps, products)."""
-    problem = _problem(features, labels, num_classes)
+    if _PROBLEM.get("features") is not features:   # the preconditioner's eigenbasis, once per sweep
+        x32 = features.float()
+        eigenvalues, eigenvectors = torch.linalg.eigh(x32.T @ x32 / len(x32))
+        _PROBLEM.update(features=features, x32=x32, basis=(eigenvectors, eigenvalues.clamp_min(0)))
+    targets = F.one_hot(labels, num_classes).to(features)   # the tolerance's reference: the gradient at W = 0, b = 0
+    reference = max(float(adjoint(features, 1 / num_classes - targets).abs().max()) / len(features), 1e-300)
     if init is None:
         counts = torch.bincount(labels, minlength=num_classes).to(features)
         init = features.new_zeros(features.shape[1], num_classes), counts.clamp_min(1).log()
-    theta, targets, newton, products = torch.cat([init[0], init[1][None]]), problem["targets"], 0, 0
-    known = init[0] is problem.get("W") and init[1] is problem.get("b")   # from the last fit: its logits are kept
-    Z = problem["logits"] if known else logits(features, theta)
+    theta, newton, products = torch.cat([init[0], init[1][None]]), 0, 0
+    Z = logits(features, theta)
     while True:
         P = Z.softmax(1)
         gradient = adjoint(features, P - targets) / len(Z) + lam * penalised(theta)
-        relative = float(gradient.abs().max()) / problem["reference"]
+        relative = float(gradient.abs().max()) / reference
         if relative <= tolerance or products >= max_iter:
             break
-        target = max(0.5 * tolerance, 0.01 * relative) * problem["reference"]
-        d, steps = _newton_direction(problem, P, lam, gradient, target, max_iter - products)
+        target = max(0.5 * tolerance, 0.01 * relative) * reference
+        d, steps = _newton_direction(_PROBLEM, P, lam, gradient, target, max_iter - products)
         Zd, newton, products = logits(features, d), newton + 1, products + steps
 
         def line(t):   # the objective at theta + t d and its slope along d
@@ -166,7 +157,7 @@ def fit_logistic(features, labels, num_classes: int, lam: float, init=None, tole
         while (point := line(t))[0] > start + 1e-4 * t * slope and point[1] > 0 and t > 1e-10:   # Armijo or downhill
             t /= 2
         theta, Z = theta + t * d, Z + t * Zd
-    problem.update(W=theta[:-1], b=theta[-1], logits=Z, steps=(newton, products))
+    _PROBLEM["steps"] = (newton, products)
     return theta[:-1], theta[-1], relative
 
 
