@@ -9,7 +9,6 @@ frozen trunk, this one network end to end (DDP, SyncBatchNorm on GPUs, AMP); bot
 views (eval_linear's helpers).
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -19,7 +18,7 @@ import torch.nn as nn
 
 from data import build_splits, eval_transform
 from eval_knn import accuracy, add_common_args, build_trunk, extract_features, one_line_errors, process_batch, \
-    shard_loader
+    shard_loader, write_json
 from eval_linear import add_label_args, epoch_loader, label_subset
 from runtime import default_amp, distributed, rank, world_size
 
@@ -101,11 +100,8 @@ def main():
                   f"images, the last epoch, scored once), {time.time() - start:.0f} s")
             if args.save:
                 torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, f"{args.save}/finetuned.pth")
-            if args.out:
-                with open(args.out, "w") as file:
-                    json.dump({"args": vars(args), "num_train": len(labelled), "num_val": len(labels), "num_classes":
-                               num_classes, "top1": top1, "top5": top5, "selection": "none: the last epoch, val scored "
-                               "once"}, file, indent=2)
+            write_json(args, num_train=len(labelled), num_val=len(labels), num_classes=num_classes, top1=top1,
+                       top5=top5, selection="none: the last epoch, val scored once")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,13 @@ def one_line_errors():
         raise SystemExit(f"error: {error}") from None
 
 
+def write_json(args, **fields):
+    """Write {"args": vars(args), **fields} as indented JSON to --out, when it is given."""
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump({"args": vars(args), **fields}, file, indent=2)
+
+
 def build_trunk(args, device) -> torch.nn.Module:
     """models.load_trunk in eval mode on device ('random' seeded from args.seed); a bad --weights exits in one line."""
     torch.manual_seed(getattr(args, "seed", 0))
@@ -156,10 +163,8 @@ def main():
             for k, result in results.items():
                 clamped = f"  (k clamped to {len(train_set)})" if k > len(train_set) else ""
                 print(f"{k:>6} {result['top1']:7.2f} {result['top5']:7.2f}{clamped}")
-            if args.out:
-                with open(args.out, "w") as file:
-                    json.dump({"args": vars(args), "num_train": len(train_set), "num_test": len(val_set),
-                               "num_classes": classes, "knn": {str(k): r for k, r in results.items()}}, file, indent=2)
+            write_json(args, num_train=len(train_set), num_test=len(val_set), num_classes=classes,
+                       knn={str(k): r for k, r in results.items()})
 
 
 if __name__ == "__main__":

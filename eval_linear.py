@@ -9,7 +9,6 @@ process extracts its share of each batch, and every process trains the heads on 
 does not depend on the number of processes.
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from data import EpochSampler, SeededViews, build_dataset, build_splits, eval_transform
 from eval_knn import (accuracy, add_common_args, build_trunk, extract_features, gather_shards, one_line_errors,
-                      process_batch, shard_loader)
+                      process_batch, shard_loader, write_json)
 from runtime import distributed, rank, world_size
 
 
@@ -261,11 +260,8 @@ def main():
                 print(f"{r['lr']:>8g} {r['best_epoch']:>7} {r['best_top1']:10.2f} {r['best_top5']:10.2f} "
                       f"{r['last_top1']:10.2f} {r['last_top5']:10.2f}{'  <- best' if r is best else ''}")
             print(f"val top-1 {top1:.2f} %, top-5 {top5:.2f} %; selection: {selection}")
-            if args.out:
-                with open(args.out, "w") as file:
-                    json.dump({"args": vars(args), "epochs": args.epochs, "num_train": len(train_set), "num_val":
-                               len(val[1]), "num_classes": num_classes, "heads": heads, "best": best,
-                               "val": {"top1": top1, "top5": top5}, "selection": selection}, file, indent=2)
+            write_json(args, epochs=args.epochs, num_train=len(train_set), num_val=len(val[1]), num_classes=num_classes,
+                       heads=heads, best=best, val={"top1": top1, "top5": top5}, selection=selection)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ val split is refitted on train + val and scored once on test. docs/transfer.md: 
 goes, and the choices the papers leave open (objective scaling, held-out share, tolerance, standardisation).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from torchvision.transforms import v2
 
 from augment import MEAN, STD
 from data import build_dataset
-from eval_knn import add_common_args, build_trunk, extract_features, process_batch, shard_loader
+from eval_knn import add_common_args, build_trunk, extract_features, process_batch, shard_loader, write_json
 from eval_linear import balanced_subset
 from runtime import distributed, download_lock, rank
 
@@ -283,9 +282,7 @@ def main():
                           f"{result['relative_gradient']:.1e}", flush=True)
         if rank() == 0:
             print(markdown_table(results, f"this run ({args.weights})"))
-            if args.out:
-                with open(args.out, "w") as file:
-                    json.dump({"args": vars(args), "datasets": results, "failed": failed}, file, indent=2)
+            write_json(args, datasets=results, failed=failed)
     if failed:
         raise SystemExit(f"error: {len(failed)} of {len(dict.fromkeys(args.datasets))} datasets did not run: "
                          f"{' '.join(failed)}")
