@@ -81,17 +81,14 @@ def add_label_args(parser: argparse.ArgumentParser):
 
 def label_subset(args, train_set):
     """train_set restricted to the files of --label-list, or to a class-balanced --label-fraction (the whole of it
-    when neither is given); SystemExit in one line."""
-    try:
-        if args.label_list:
-            if not hasattr(train_set, "samples"):
-                raise ValueError("--label-list needs an ImageFolder --data (--dataset imagefolder or imagenet100)")
-            return Subset(train_set, listed_subset(train_set.samples, train_set.classes, args.label_list))
-        if args.label_fraction == 1:
-            return train_set
-        return Subset(train_set, balanced_subset(labels_of(train_set), args.label_fraction, args.seed).tolist())
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    when neither is given); ValueError with the fix (the scripts' one_line_errors turn it into one line)."""
+    if args.label_list:
+        if not hasattr(train_set, "samples"):
+            raise ValueError("--label-list needs an ImageFolder --data (--dataset imagefolder or imagenet100)")
+        return Subset(train_set, listed_subset(train_set.samples, train_set.classes, args.label_list))
+    if args.label_fraction == 1:
+        return train_set
+    return Subset(train_set, balanced_subset(labels_of(train_set), args.label_fraction, args.seed).tolist())
 
 
 def epoch_loader(dataset, batch: int, args, device) -> DataLoader:
@@ -211,10 +208,7 @@ def probe(args, trunk, train_set, val, num_classes: int, device):
         heads = fit(everything, val, args.lr, args.epochs)
         best = max(heads, key=lambda r: r["best_top1"])
         return heads, best["best_top1"], best["best_top5"], "the best lr and epoch on the val split it reports"
-    try:
-        held = balanced_subset(labels_of(train_set), args.holdout, args.seed, "--holdout")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    held = balanced_subset(labels_of(train_set), args.holdout, args.seed, "--holdout")   # main: one_line_errors
     plain = label_subset(args, build_dataset(args.dataset, args.data, True, eval_transform(args.image_size),
                                              args.image_size, args.fake_size)) if args.augment else train_set
     held_out = extract_features(trunk, shard_loader(Subset(plain, held.tolist()), process_batch(args.batch_size),
