@@ -185,7 +185,7 @@ def transfer_fit(train, val, test, per_class: bool = False) -> dict:
     num_classes = int(max(train_y.max(), val_y.max(), test_y.max())) + 1
     normalise = standardiser(train_x)
     x, vx = normalise(train_x), normalise(val_x)
-    params, curve, fits, best_val, began = None, [], [], -1.0, time.time()
+    params, curve, fits, began = None, [], [], time.time()
 
     def fit(features, labels, lam, init, scored, split):   # and print a line: an hour's sweep must not look hung
         start, (W, b, relative) = time.time(), fit_logistic(features, labels, num_classes, lam, init)
@@ -198,14 +198,13 @@ def transfer_fit(train, val, test, per_class: bool = False) -> dict:
 
     for lam in reversed(LAMBDAS):   # from the most regularised: each fit starts from the previous solution
         params, value = fit(x, train_y, lam, params, (vx, val_y), f"val ({len(fits) + 1} of {len(LAMBDAS)})")
-        curve.append([lam, value])
-        if value > best_val:   # strictly: of ties, the first met, the largest lambda
-            best_val, best_lambda, best_params = value, lam, params
+        curve.append([lam, value, params])
+    best_lambda, _, best_params = max(curve, key=lambda point: point[1])   # of ties the first met: the largest lambda
     all_x, all_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
     normalise = standardiser(all_x)
     _, test = fit(normalise(all_x), all_y, best_lambda, best_params, (normalise(test_x), test_y), "refit, test")
     _PROBLEM.clear()   # the features' copies and eigenbasis: not kept past the dataset
-    return {"test": test, "best_lambda": best_lambda, "val_curve": curve[::-1],
+    return {"test": test, "best_lambda": best_lambda, "val_curve": [point[:2] for point in curve[::-1]],
             "relative_gradient": max(entry[-1] for entry in fits), "fits": fits[-2::-1] + fits[-1:]}
 
 
