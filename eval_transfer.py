@@ -75,10 +75,8 @@ def load_splits(name: str, args, transform) -> dict:
 
 def held_out(labels: torch.Tensor, seed: int):
     """labels [N] -> (train indices, val indices): VAL_SHARE of every class (rounded half up), drawn from seed."""
-    val = balanced_subset(labels.cpu(), VAL_SHARE, seed)
-    keep = torch.ones(len(labels), dtype=torch.bool)
-    keep[val] = False
-    return keep.nonzero().flatten(), val
+    val, everything = balanced_subset(labels.cpu(), VAL_SHARE, seed), torch.arange(len(labels))
+    return everything[~torch.isin(everything, val)], val
 
 
 _PROBLEM = {}   # of the last features fit_logistic saw (a sweep fits the same ones 45 times): their fp32 copy and
