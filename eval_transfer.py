@@ -207,7 +207,8 @@ def transfer_fit(train, val, test, per_class: bool = False) -> dict:
 
 
 def run_dataset(name: str, args, trunk, transform, device):
-    """Extract the splits' features (each process a shard) and, on rank 0, fit: the JSON entry (None elsewhere)."""
+    """Extract the splits' features (each process a shard) and, on rank 0, fit and print a summary line: the JSON
+    entry (None elsewhere)."""
     splits, start = load_splits(name, args, transform), time.time()
     batch = process_batch(args.batch_size)   # --batch-size is the global batch
     features = {split: extract_features(trunk, shard_loader(dataset, batch, args.workers), device,
@@ -224,9 +225,17 @@ def run_dataset(name: str, args, trunk, transform, device):
     if rank() != 0:
         return None
     result = transfer_fit(features["train"], features["val"], features["test"], name in PER_CLASS)
-    return {"metric": "mean_per_class" if name in PER_CLASS else "top1", **result,
-            **{f"num_{split}": len(features[split][1]) for split in ("train", "val", "test")},
-            "feature_seconds": extracted - start, "seconds": time.time() - start}
+    result = {"metric": "mean_per_class" if name in PER_CLASS else "top1", **result,
+              **{f"num_{split}": len(features[split][1]) for split in ("train", "val", "test")},
+              "feature_seconds": extracted - start, "seconds": time.time() - start}
+    print(f"{name}: test {result['metric']} {result['test']:.2f} %, lambda {result['best_lambda']:.3g}, "
+          f"{result['num_train']} / {result['num_val']} / {result['num_test']} train / val / test, "
+          f"features {result['feature_seconds']:.0f} s, fit {result['seconds'] - result['feature_seconds']:.0f} s",
+          flush=True)
+    if result["relative_gradient"] > TOLERANCE:
+        print(f"  note: a fit stopped after {MAX_ITER} Hessian products at relative gradient "
+              f"{result['relative_gradient']:.1e}", flush=True)
+    return result
 
 
 def markdown_table(results: dict, label: str) -> str:
@@ -262,21 +271,11 @@ def main():
         trunk, transform = build_trunk(args, device), transfer_transform(args.image_size)
         for name in dict.fromkeys(args.datasets):
             try:
-                result = run_dataset(name, args, trunk, transform, device)
+                results[name] = run_dataset(name, args, trunk, transform, device)   # None off rank 0
             except (SystemExit, ValueError) as error:   # one line, and the other datasets still run
                 failed.append(name)
                 if rank() == 0:
                     print(error if isinstance(error, SystemExit) else f"error: {error}", file=sys.stderr, flush=True)
-                continue
-            if rank() == 0:
-                results[name] = result
-                print(f"{name}: test {result['metric']} {result['test']:.2f} %, lambda {result['best_lambda']:.3g}, "
-                      f"{result['num_train']} / {result['num_val']} / {result['num_test']} train / val / test, "
-                      f"features {result['feature_seconds']:.0f} s, fit "
-                      f"{result['seconds'] - result['feature_seconds']:.0f} s", flush=True)
-                if result["relative_gradient"] > TOLERANCE:
-                    print(f"  note: a fit stopped after {MAX_ITER} Hessian products at relative gradient "
-                          f"{result['relative_gradient']:.1e}", flush=True)
         if rank() == 0:
             print(markdown_table(results, f"this run ({args.weights})"))
             write_json(args, datasets=results, failed=failed)
