@@ -196,9 +196,9 @@ def probe_source(args, trunk, train_set, device):
 
 
 def probe(args, trunk, train_set, val, num_classes: int, device):
-    """(heads, val top-1, val top-5, selection): the sweep over --lr on val = (features, labels), the best on it;
-    or with --holdout the sweep on the rest of train scored on a class-balanced --holdout share of it, then the
-    chosen lr and epochs refitted on all train images and val scored once."""
+    """(heads, the best head, val top-1, val top-5, selection): the sweep over --lr on val = (features, labels), the
+    best on it; or with --holdout the sweep on the rest of train scored on a class-balanced --holdout share of it,
+    then the chosen lr and epochs refitted on all train images and val scored once."""
     source, everything = probe_source(args, trunk, train_set, device), torch.arange(len(train_set))
 
     def fit(index, scored, lrs, epochs, **how):
@@ -207,7 +207,7 @@ def probe(args, trunk, train_set, val, num_classes: int, device):
     if not args.holdout:
         heads = fit(everything, val, args.lr, args.epochs)
         best = max(heads, key=lambda r: r["best_top1"])
-        return heads, best["best_top1"], best["best_top5"], "the best lr and epoch on the val split it reports"
+        return heads, best, best["best_top1"], best["best_top5"], "the best lr and epoch on the val split it reports"
     held = balanced_subset(labels_of(train_set), args.holdout, args.seed, "--holdout")   # main: one_line_errors
     plain = label_subset(args, build_dataset(args.dataset, args.data, True, eval_transform(args.image_size),
                                              args.image_size, args.fake_size)) if args.augment else train_set
@@ -216,7 +216,7 @@ def probe(args, trunk, train_set, val, num_classes: int, device):
     heads = fit(everything[~torch.isin(everything, held)], held_out, args.lr, args.epochs, name="held-out")
     best = max(heads, key=lambda r: r["best_top1"])
     final, = fit(everything, val, [best["lr"]], best["best_epoch"], final_only=True)
-    return heads, final["last_top1"], final["last_top5"], (
+    return heads, best, final["last_top1"], final["last_top5"], (
         f"lr {best['lr']:g} and {best['best_epoch']} epochs chosen on a held-out {100 * args.holdout:g} % of train "
         f"({len(held)} images), refitted on all {len(train_set)}, val scored once")
 
@@ -243,9 +243,8 @@ def main():
         train_set = label_subset(args, train_set)
         # the trunk is frozen: the val features are the same every epoch, in both modes
         val = extract_features(trunk, shard_loader(val_set, batch, args.workers), device, "val")
-        heads, top1, top5, selection = probe(args, trunk, train_set, val, num_classes, device)
+        heads, best, top1, top5, selection = probe(args, trunk, train_set, val, num_classes, device)
         if rank() == 0:
-            best = max(heads, key=lambda r: r["best_top1"])
             print(f"linear probe, {len(train_set)} train / {len(val[1])} val images, {num_classes} classes, "
                   f"{'augmented' if args.augment else 'cached'} mode, {args.epochs} epochs, {time.time() - start:.0f}s"
                   f"\n{'held-out' if args.holdout else 'val'} split:"
