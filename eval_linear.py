@@ -47,13 +47,12 @@ def listed_subset(samples, classes, list_path: str) -> list:
     n04235860_14959.JPEG...). Names of classes not in `classes` (the synset before "_") are ignored, so that
     ImageNet-100 takes ImageNet's lists. ValueError naming the count and an example when listed files of the
     dataset's classes are missing, or when the file cannot be read."""
+    synsets = set(classes)
     try:
-        with open(list_path) as file:
-            listed = {line.strip() for line in file if line.strip()}
+        with open(list_path) as file:   # blank lines fall out too: "" names no synset
+            listed = {name for name in map(str.strip, file) if name.split("_")[0] in synsets}
     except OSError as error:
         raise ValueError(f"cannot read --label-list {list_path} ({error.strerror})") from None
-    synsets = set(classes)
-    listed = {name for name in listed if name.split("_")[0] in synsets}
     if not listed:
         raise ValueError(f"--label-list {list_path} names no file of the {len(synsets)} classes under --data")
     kept = [i for i, (path, _) in enumerate(samples) if os.path.basename(path) in listed]
