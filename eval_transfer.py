@@ -43,13 +43,11 @@ def transfer_transform(image_size: int) -> v2.Compose:
 def build_split(name: str, root: str, split: str, transform):
     """torchvision's dataset `name` (a TORCHVISION key), split "train", "val" (flowers102, dtd) or "test",
     downloaded into root when missing (cars excepted)."""
-    kind = getattr(torchvision.datasets, TORCHVISION[name])
-    extra = {"dtd": {"partition": 1}, "pets": {"target_types": "category"}}.get(name, {})
-    split = "trainval" if name == "pets" and split == "train" else split
+    kind, train = getattr(torchvision.datasets, TORCHVISION[name]), split == "train"
+    how = {"cifar10": {"train": train}, "cifar100": {"train": train}, "dtd": {"split": split, "partition": 1},
+           "pets": {"split": "trainval" if train else split, "target_types": "category"}}.get(name, {"split": split})
     with download_lock(root):   # one process of the machine at a time: the first downloads, the others wait
-        if name in ("cifar10", "cifar100"):
-            return kind(root, train=split == "train", transform=transform, download=True)
-        return kind(root, split=split, transform=transform, download=name != "cars", **extra)
+        return kind(root, transform=transform, download=name != "cars", **how)
 
 
 def load_splits(name: str, args, transform) -> dict:
