@@ -204,11 +204,10 @@ def transfer_fit(train, val, test, per_class: bool = False) -> dict:
             "relative_gradient": max(entry[-1] for entry in fits), "fits": fits[-2::-1] + fits[-1:]}
 
 
-def run_dataset(name: str, args, trunk, transform, device):
-    """Extract the splits' features (each process a shard) and, on rank 0, fit and print a summary line: the JSON
-    entry (None elsewhere)."""
+def run_dataset(name: str, args, trunk, transform, batch: int, device):
+    """Extract the splits' features (each process a shard, batch images a batch) and, on rank 0, fit and print a
+    summary line: the JSON entry (None elsewhere)."""
     splits, start = load_splits(name, args, transform), time.time()
-    batch = process_batch(args.batch_size)   # --batch-size is the global batch
     features = {split: extract_features(trunk, shard_loader(dataset, batch, args.workers), device,
                                         f"{name} {split}") for split, dataset in splits.items() if dataset is not None}
     extracted = time.time()
@@ -263,13 +262,13 @@ def main():
     args = add_common_args(parser, add_transfer_data_args).parse_args()
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):   # now, not after the fits
         parser.error(f"--out {args.out}: its folder does not exist; create it or choose another --out")
-    process_batch(args.batch_size)   # refused now, not once per dataset
+    batch = process_batch(args.batch_size)   # this process's share of the global batch; refused now, not later
     results, failed = {}, []
     with distributed() as device:
         trunk, transform = build_trunk(args, device), transfer_transform(args.image_size)
         for name in dict.fromkeys(args.datasets):
             try:
-                results[name] = run_dataset(name, args, trunk, transform, device)   # None off rank 0
+                results[name] = run_dataset(name, args, trunk, transform, batch, device)   # None off rank 0
             except (SystemExit, ValueError) as error:   # one line, and the other datasets still run
                 failed.append(name)
                 if rank() == 0:
