@@ -94,16 +94,12 @@ def _newton_direction(problem, P, lam: float, gradient, target: float, budget: i
     x32, (U, S), P = problem["x32"], problem["basis"], P.float()
     c = max(float((1 - P.square().sum(1)).mean()) / max(P.shape[1] - 1, 1), 1e-12)
     precondition = lambda r: torch.cat([U @ (U.T @ r[:-1] / (c * S + lam)[:, None]), r[-1:] / c])
-
-    def product(v):   # H v: two products with the features
-        Z = logits(x32, v)
-        return adjoint(x32, P * (Z - (P * Z).sum(1, keepdim=True))) / len(P) + lam * penalised(v)
-
     residual = -gradient.float()
     direction, search = torch.zeros_like(residual), precondition(residual)
     rz = float((residual * search).sum())
     for step in range(1, budget + 1):
-        H_search = product(search)
+        Z = logits(x32, search)   # H search: two products with the features
+        H_search = adjoint(x32, P * (Z - (P * Z).sum(1, keepdim=True))) / len(P) + lam * penalised(search)
         alpha = rz / float((search * H_search).sum())
         direction, residual = direction + alpha * search, residual - alpha * H_search
         if float(residual.abs().max()) <= target:
