@@ -16,9 +16,8 @@ import time
 import torch
 import torch.nn as nn
 
-from data import build_splits, eval_transform
-from eval_knn import accuracy, add_common_args, build_trunk, extract_features, one_line_errors, process_batch, \
-    shard_loader, write_json
+from eval_knn import accuracy, add_common_args, build_trunk, eval_splits, extract_features, one_line_errors, \
+    process_batch, shard_loader, write_json
 from eval_linear import add_label_args, epoch_loader, label_subset
 from runtime import default_amp, distributed, rank, world_size
 
@@ -73,8 +72,7 @@ def main():
     args, start = parse_args(), time.time()
     with distributed() as device, one_line_errors():
         net = build_trunk(args, device)   # torchvision's ResNet keys: with fc, the whole network
-        train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
-            args.image_size, random_crop=True), eval_transform(args.image_size), args.image_size, args.fake_size)
+        train_set, val_set, num_classes = eval_splits(args, random_crop=True)
         labelled = label_subset(args, train_set)
         args.epochs = args.epochs or (60 if len(labelled) < 0.05 * len(train_set) else 30)
         net.fc = nn.Linear(net.out_channels, num_classes).to(device)

@@ -58,6 +58,13 @@ def build_trunk(args, device) -> torch.nn.Module:
                     else torch.contiguous_format).eval()
 
 
+def eval_splits(args, random_crop: bool = False):
+    """data.build_splits of the common flags: (train, val, number of classes), val resized and centre-cropped, train
+    too, or with random_crop RandomResizedCrop + flip (eval_linear --augment, eval_finetune)."""
+    return build_splits(args.dataset, args.data, args.val_data, eval_transform(args.image_size, random_crop),
+                        eval_transform(args.image_size), args.image_size, args.fake_size)
+
+
 def shard_loader(dataset, batch_size: int, workers: int) -> DataLoader:
     """An unshuffled loader over this process's shard of dataset: block r of W consecutive blocks of ceil(N / W)
     images (the last ones shorter, or empty), so that the blocks in rank order are the dataset in its order."""
@@ -153,9 +160,8 @@ def main():
         parser.error("--k values and --temperature must be positive")
     batch = process_batch(args.batch_size)
     with distributed() as device, one_line_errors():
-        trunk, start, transform = build_trunk(args, device), time.time(), eval_transform(args.image_size)
-        train_set, val_set, classes = build_splits(args.dataset, args.data, args.val_data, transform, transform,
-                                                   args.image_size, args.fake_size)
+        trunk, start = build_trunk(args, device), time.time()
+        train_set, val_set, classes = eval_splits(args)
         results = knn_eval(trunk, train_set, val_set, args.k, args.temperature, classes, batch, args.workers, device)
         if rank() == 0:
             print(f"k-NN on {len(train_set)} train / {len(val_set)} test images, {classes} classes, "

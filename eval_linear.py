@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from data import EpochSampler, SeededViews, build_dataset, build_splits, eval_transform
-from eval_knn import (accuracy, add_common_args, build_trunk, extract_features, gather_shards, one_line_errors,
-                      process_batch, shard_loader, write_json)
+from data import EpochSampler, SeededViews, build_dataset, eval_transform
+from eval_knn import (accuracy, add_common_args, build_trunk, eval_splits, extract_features, gather_shards,
+                      one_line_errors, process_batch, shard_loader, write_json)
 from runtime import distributed, rank, world_size
 
 
@@ -237,8 +237,7 @@ def main():
     batch = process_batch(args.batch_size)
     with distributed() as device, one_line_errors():
         trunk, start = build_trunk(args, device), time.time()
-        train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
-            args.image_size, random_crop=args.augment), eval_transform(args.image_size), args.image_size, args.fake_size)
+        train_set, val_set, num_classes = eval_splits(args, random_crop=args.augment)
         train_set = label_subset(args, train_set)
         # the trunk is frozen: the val features are the same every epoch, in both modes
         val = extract_features(trunk, shard_loader(val_set, batch, args.workers), device, "val")
