@@ -209,12 +209,11 @@ def run_dataset(name: str, args, trunk, transform, batch: int, device):
     extracted = time.time()
     if "val" not in features:
         x, y = features["train"]
-        try:
-            train_index, val_index = (index.to(y.device) for index in held_out(y, args.seed))
+        try:   # CPU indices select on any device
+            features["train"], features["val"] = ((x[index], y[index]) for index in held_out(y, args.seed))
         except ValueError:
             raise SystemExit(f"error: {name}: a class has under 3 train images, too few to hold "
                              f"{VAL_SHARE:.0%} out") from None
-        features["train"], features["val"] = (x[train_index], y[train_index]), (x[val_index], y[val_index])
     if rank() != 0:
         return None
     result = transfer_fit(features["train"], features["val"], features["test"], name in PER_CLASS)
