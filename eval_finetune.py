@@ -47,19 +47,18 @@ def fine_tune(args, model, loader, device, amp: str):
     scaler = torch.amp.GradScaler(enabled=amp == "fp16")
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
     peak_lr, total, begun = args.lr * args.batch_size / 256, args.epochs * len(loader), time.time()
-    step, shown = 0, begun
+    shown = begun
     for epoch in range(args.epochs):
         loader.sampler.set_epoch(epoch)
         model.train()
-        for images, labels in loader:
-            optimizer.param_groups[0]["lr"] = lr = peak_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        for step, (images, labels) in enumerate(loader, epoch * len(loader) + 1):   # steps counted from 1
+            optimizer.param_groups[0]["lr"] = lr = peak_lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))
             with autocast:
                 loss = nn.functional.cross_entropy(model(images.to(device, non_blocking=True)), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            step += 1
             if rank() == 0 and (time.time() - shown > 10 or step == total):
                 shown, rate = time.time(), step * args.batch_size / (time.time() - begun)
                 print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} loss {loss.item():.4f} lr {lr:.4g} "
