@@ -2,14 +2,13 @@
 --nproc_per_node 8 eval_finetune.py --weights backbone.pth --data imagenet/train --label-list 10percent.txt`): the
 pre-trained trunk plus a new, zero-initialised linear classifier, every weight trained; Nesterov SGD, momentum 0.9,
 no weight decay, lr --lr x global batch / 256 on a cosine to 0 without warm-up; RandomResizedCrop + flip only; the
-top-1 and top-5 of the last epoch on the val split, scored once (no selection). --save DIR writes checkpoint.pth
-after every epoch (--resume continues from it) and, at the end, finetuned.pth: the network as a torchvision ResNet
-state_dict, fc included, CPU tensors. A script of its own, not a mode of eval_linear.py: the probe trains many heads
-at once on a frozen trunk, this one network end to end (DDP, SyncBatchNorm on GPUs, AMP, checkpoints); both take
-the same label subsets and views (eval_linear's helpers).
+top-1 and top-5 of the last epoch on the val split, scored once (no selection). --save DIR writes, at the end,
+finetuned.pth: the network as a torchvision ResNet state_dict, fc included, CPU tensors. No checkpoints: a stopped
+fine-tune restarts. A script of its own, not a mode of eval_linear.py: the probe trains many heads at once on a
+frozen trunk, this one network end to end (DDP, SyncBatchNorm on GPUs, AMP); both take the same label subsets and
+views (eval_linear's helpers).
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -17,11 +16,9 @@ import time
 import torch
 import torch.nn as nn
 
-from data import build_splits, eval_transform
-from eval_knn import accuracy, add_common_args, build_trunk, extract_features, one_line_errors, process_batch, \
-    shard_loader
+from eval_knn import accuracy, add_common_args, build_trunk, eval_splits, extract_features, one_line_errors, \
+    process_batch, shard_loader, write_json
 from eval_linear import add_label_args, epoch_loader, label_subset
-from models import read_checkpoint
 from runtime import default_amp, distributed, rank, world_size
 
 
@@ -31,82 +28,50 @@ def parse_args():
     parser.add_argument("--epochs", type=int, help="default 60 when the labelled images are under 5 %% of train "
                         "(SimCLR's 1 %%), else 30 (its 10 %%)")
     parser.add_argument("--amp", choices=["bf16", "fp16", "off"], help="as train.py: CPU off; bf16 from compute capability 8, else fp16")
-    parser.add_argument("--save", help="folder for checkpoint.pth (every epoch) and finetuned.pth (at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from --save's checkpoint.pth")
+    parser.add_argument("--save", help="folder for finetuned.pth (written at the end)")
     add_label_args(parser)
     args = parser.parse_args()
-    if args.lr <= 0 or (args.epochs is not None and args.epochs < 1) or (args.resume and not args.save):
-        parser.error("--lr and --epochs must be positive; --resume needs --save")
+    if args.lr <= 0 or (args.epochs is not None and args.epochs < 1):
+        parser.error("--lr and --epochs must be positive")
     if args.amp == "fp16" and not torch.cuda.is_available():
         parser.error("--amp fp16 needs a GPU; use --amp bf16 or off on CPU")
-    if args.save and not args.resume and os.path.exists(os.path.join(args.save, "checkpoint.pth")):
-        parser.error(f"{args.save}/checkpoint.pth exists; pass --resume to continue it, or choose another --save")
     if process_batch(args.batch_size) < 2:   # BatchNorm cannot train on one image
         parser.error(f"--batch-size {args.batch_size} leaves a process under 2 images; raise it")
     return args
 
 
-def save(state: dict, path: str):
-    """torch.save(state, path) through a temporary file: a crash mid-write leaves the previous file intact."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def resume(args, net, optimizer, scaler) -> int:
-    """Load --save's checkpoint into net, optimizer and scaler; the epochs it had done. SystemExit in one line when
-    it is missing or was written with other flags (--workers and --out aside)."""
-    try:
-        checkpoint = read_checkpoint(os.path.join(args.save, "checkpoint.pth"))
-    except ValueError as error:
-        raise SystemExit(f"error: --resume: {error}; drop --resume or point --save at the run's folder") from None
-    changed = [key for key, value in vars(args).items()
-               if key not in ("workers", "out", "resume") and checkpoint["args"].get(key) != value]
-    if changed:
-        flags = " ".join(f"--{key.replace('_', '-')} {checkpoint['args'].get(key)}" for key in changed)
-        raise SystemExit(f"error: --resume: the run in {args.save} had {flags}; pass its flags, or drop --resume")
-    for part, name in ((net, "net"), (optimizer, "optimizer"), (scaler, "scaler")):
-        part.load_state_dict(checkpoint[name])
-    return checkpoint["epoch"]
-
-
-def fine_tune(args, net, model, loader, device, amp: str):
-    """Train model (net's classifier, under DDP with several processes) for the epochs left, from --resume's;
-    checkpoint each epoch. Rank 0 prints progress every 10 s."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9, nesterov=True, weight_decay=0.0)
+def fine_tune(args, model, loader, device, amp: str):
+    """Train model (the classifier, under DDP with several processes) for --epochs. Rank 0 prints progress every
+    10 s."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, nesterov=True, weight_decay=0.0)
     scaler = torch.amp.GradScaler(enabled=amp == "fp16")
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
-    start = resume(args, net, optimizer, scaler) if args.resume else 0
     peak_lr, total, begun = args.lr * args.batch_size / 256, args.epochs * len(loader), time.time()
-    step, shown = start * len(loader), begun
-    for epoch in range(start, args.epochs):
+    shown = begun
+    for epoch in range(args.epochs):
         loader.sampler.set_epoch(epoch)
         model.train()
-        for images, labels in loader:
-            optimizer.param_groups[0]["lr"] = lr = peak_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        for step, (images, labels) in enumerate(loader, epoch * len(loader) + 1):   # steps counted from 1
+            optimizer.param_groups[0]["lr"] = lr = peak_lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))
             with autocast:
                 loss = nn.functional.cross_entropy(model(images.to(device, non_blocking=True)), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            step += 1
             if rank() == 0 and (time.time() - shown > 10 or step == total):
-                shown, rate = time.time(), (step - start * len(loader)) * args.batch_size / (time.time() - begun)
+                shown, rate = time.time(), step * args.batch_size / (time.time() - begun)
                 print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total} loss {loss.item():.4f} lr {lr:.4g} "
                       f"{rate:.0f} img/s eta {(total - step) * args.batch_size / rate / 60:.1f} min", flush=True)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}; lower --lr, or use --amp bf16 or off")
-        if args.save and rank() == 0:
-            save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                  "epoch": epoch + 1, "args": vars(args)}, os.path.join(args.save, "checkpoint.pth"))
 
 
 def main():
     args, start = parse_args(), time.time()
     with distributed() as device, one_line_errors():
         net = build_trunk(args, device)   # torchvision's ResNet keys: with fc, the whole network
-        train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
-            args.image_size, random_crop=True), eval_transform(args.image_size), args.image_size, args.fake_size)
+        train_set, val_set, num_classes = eval_splits(args, random_crop=True)
         labelled = label_subset(args, train_set)
         args.epochs = args.epochs or (60 if len(labelled) < 0.05 * len(train_set) else 30)
         net.fc = nn.Linear(net.out_channels, num_classes).to(device)
@@ -119,7 +84,7 @@ def main():
             if world_size() > 1 else classifier
         loader = epoch_loader(labelled, process_batch(args.batch_size), args, device)
         os.makedirs(args.save or ".", exist_ok=True)
-        fine_tune(args, net, model, loader, device, args.amp or default_amp(device))
+        fine_tune(args, model, loader, device, args.amp or default_amp(device))
         for buffer in net.buffers() if world_size() > 1 else ():   # rank 0's BN statistics: what it exports
             torch.distributed.broadcast(buffer, 0)
         classifier.pooled, classifier.out_channels = classifier.forward, num_classes   # extract_features: logits
@@ -131,12 +96,9 @@ def main():
                   f"{args.lr * args.batch_size / 256:.4g}: val top-1 {top1:.2f} %, top-5 {top5:.2f} % ({len(labels)} "
                   f"images, the last epoch, scored once), {time.time() - start:.0f} s")
             if args.save:
-                save({k: v.detach().cpu() for k, v in net.state_dict().items()}, f"{args.save}/finetuned.pth")
-            if args.out:
-                with open(args.out, "w") as file:
-                    json.dump({"args": vars(args), "num_train": len(labelled), "num_val": len(labels), "num_classes":
-                               num_classes, "top1": top1, "top5": top5, "selection": "none: the last epoch, val scored "
-                               "once"}, file, indent=2)
+                torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, f"{args.save}/finetuned.pth")
+            write_json(args, num_train=len(labelled), num_val=len(labels), num_classes=num_classes, top1=top1,
+                       top5=top5, selection="none: the last epoch, val scored once")
 
 
 if __name__ == "__main__":

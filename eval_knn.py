@@ -42,6 +42,13 @@ def one_line_errors():
         raise SystemExit(f"error: {error}") from None
 
 
+def write_json(args, **fields):
+    """Write {"args": vars(args), **fields} as indented JSON to --out, when it is given."""
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump({"args": vars(args), **fields}, file, indent=2)
+
+
 def build_trunk(args, device) -> torch.nn.Module:
     """models.load_trunk in eval mode on device ('random' seeded from args.seed); a bad --weights exits in one line."""
     torch.manual_seed(getattr(args, "seed", 0))
@@ -49,6 +56,13 @@ def build_trunk(args, device) -> torch.nn.Module:
         trunk = load_trunk(args.weights, args.arch, args.stem)
     return trunk.to(device, memory_format=torch.channels_last if torch.device(device).type == "cuda"
                     else torch.contiguous_format).eval()
+
+
+def eval_splits(args, random_crop: bool = False):
+    """data.build_splits of the common flags: (train, val, number of classes), val resized and centre-cropped, train
+    too, or with random_crop RandomResizedCrop + flip (eval_linear --augment, eval_finetune)."""
+    return build_splits(args.dataset, args.data, args.val_data, eval_transform(args.image_size, random_crop),
+                        eval_transform(args.image_size), args.image_size, args.fake_size)
 
 
 def shard_loader(dataset, batch_size: int, workers: int) -> DataLoader:
@@ -146,9 +160,8 @@ def main():
         parser.error("--k values and --temperature must be positive")
     batch = process_batch(args.batch_size)
     with distributed() as device, one_line_errors():
-        trunk, start, transform = build_trunk(args, device), time.time(), eval_transform(args.image_size)
-        train_set, val_set, classes = build_splits(args.dataset, args.data, args.val_data, transform, transform,
-                                                   args.image_size, args.fake_size)
+        trunk, start = build_trunk(args, device), time.time()
+        train_set, val_set, classes = eval_splits(args)
         results = knn_eval(trunk, train_set, val_set, args.k, args.temperature, classes, batch, args.workers, device)
         if rank() == 0:
             print(f"k-NN on {len(train_set)} train / {len(val_set)} test images, {classes} classes, "
@@ -156,10 +169,8 @@ def main():
             for k, result in results.items():
                 clamped = f"  (k clamped to {len(train_set)})" if k > len(train_set) else ""
                 print(f"{k:>6} {result['top1']:7.2f} {result['top5']:7.2f}{clamped}")
-            if args.out:
-                with open(args.out, "w") as file:
-                    json.dump({"args": vars(args), "num_train": len(train_set), "num_test": len(val_set),
-                               "num_classes": classes, "knn": {str(k): r for k, r in results.items()}}, file, indent=2)
+            write_json(args, num_train=len(train_set), num_test=len(val_set), num_classes=classes,
+                       knn={str(k): r for k, r in results.items()})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ process extracts its share of each batch, and every process trains the heads on 
 does not depend on the number of processes.
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -19,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from data import EpochSampler, SeededViews, build_dataset, build_splits, eval_transform
-from eval_knn import (accuracy, add_common_args, build_trunk, extract_features, gather_shards, one_line_errors,
-                      process_batch, shard_loader)
+from data import EpochSampler, SeededViews, build_dataset, eval_transform
+from eval_knn import (accuracy, add_common_args, build_trunk, eval_splits, extract_features, gather_shards,
+                      one_line_errors, process_batch, shard_loader, write_json)
 from runtime import distributed, rank, world_size
 
 
@@ -48,13 +47,12 @@ def listed_subset(samples, classes, list_path: str) -> list:
     n04235860_14959.JPEG...). Names of classes not in `classes` (the synset before "_") are ignored, so that
     ImageNet-100 takes ImageNet's lists. ValueError naming the count and an example when listed files of the
     dataset's classes are missing, or when the file cannot be read."""
+    synsets = set(classes)
     try:
-        with open(list_path) as file:
-            listed = {line.strip() for line in file if line.strip()}
+        with open(list_path) as file:   # blank lines fall out too: "" names no synset
+            listed = {name for name in map(str.strip, file) if name.split("_")[0] in synsets}
     except OSError as error:
         raise ValueError(f"cannot read --label-list {list_path} ({error.strerror})") from None
-    synsets = set(classes)
-    listed = {name for name in listed if name.split("_")[0] in synsets}
     if not listed:
         raise ValueError(f"--label-list {list_path} names no file of the {len(synsets)} classes under --data")
     kept = [i for i, (path, _) in enumerate(samples) if os.path.basename(path) in listed]
@@ -82,17 +80,14 @@ def add_label_args(parser: argparse.ArgumentParser):
 
 def label_subset(args, train_set):
     """train_set restricted to the files of --label-list, or to a class-balanced --label-fraction (the whole of it
-    when neither is given); SystemExit in one line."""
-    try:
-        if args.label_list:
-            if not hasattr(train_set, "samples"):
-                raise ValueError("--label-list needs an ImageFolder --data (--dataset imagefolder or imagenet100)")
-            return Subset(train_set, listed_subset(train_set.samples, train_set.classes, args.label_list))
-        if args.label_fraction == 1:
-            return train_set
-        return Subset(train_set, balanced_subset(labels_of(train_set), args.label_fraction, args.seed).tolist())
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    when neither is given); ValueError with the fix (the scripts' one_line_errors turn it into one line)."""
+    if args.label_list:
+        if not hasattr(train_set, "samples"):
+            raise ValueError("--label-list needs an ImageFolder --data (--dataset imagefolder or imagenet100)")
+        return Subset(train_set, listed_subset(train_set.samples, train_set.classes, args.label_list))
+    if args.label_fraction == 1:
+        return train_set
+    return Subset(train_set, balanced_subset(labels_of(train_set), args.label_fraction, args.seed).tolist())
 
 
 def epoch_loader(dataset, batch: int, args, device) -> DataLoader:
@@ -200,9 +195,9 @@ def probe_source(args, trunk, train_set, device):
 
 
 def probe(args, trunk, train_set, val, num_classes: int, device):
-    """(heads, val top-1, val top-5, selection): the sweep over --lr on val = (features, labels), the best on it;
-    or with --holdout the sweep on the rest of train scored on a class-balanced --holdout share of it, then the
-    chosen lr and epochs refitted on all train images and val scored once."""
+    """(heads, the best head, val top-1, val top-5, selection): the sweep over --lr on val = (features, labels), the
+    best on it; or with --holdout the sweep on the rest of train scored on a class-balanced --holdout share of it,
+    then the chosen lr and epochs refitted on all train images and val scored once."""
     source, everything = probe_source(args, trunk, train_set, device), torch.arange(len(train_set))
 
     def fit(index, scored, lrs, epochs, **how):
@@ -211,11 +206,8 @@ def probe(args, trunk, train_set, val, num_classes: int, device):
     if not args.holdout:
         heads = fit(everything, val, args.lr, args.epochs)
         best = max(heads, key=lambda r: r["best_top1"])
-        return heads, best["best_top1"], best["best_top5"], "the best lr and epoch on the val split it reports"
-    try:
-        held = balanced_subset(labels_of(train_set), args.holdout, args.seed, "--holdout")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        return heads, best, best["best_top1"], best["best_top5"], "the best lr and epoch on the val split it reports"
+    held = balanced_subset(labels_of(train_set), args.holdout, args.seed, "--holdout")   # main: one_line_errors
     plain = label_subset(args, build_dataset(args.dataset, args.data, True, eval_transform(args.image_size),
                                              args.image_size, args.fake_size)) if args.augment else train_set
     held_out = extract_features(trunk, shard_loader(Subset(plain, held.tolist()), process_batch(args.batch_size),
@@ -223,7 +215,7 @@ def probe(args, trunk, train_set, val, num_classes: int, device):
     heads = fit(everything[~torch.isin(everything, held)], held_out, args.lr, args.epochs, name="held-out")
     best = max(heads, key=lambda r: r["best_top1"])
     final, = fit(everything, val, [best["lr"]], best["best_epoch"], final_only=True)
-    return heads, final["last_top1"], final["last_top5"], (
+    return heads, best, final["last_top1"], final["last_top5"], (
         f"lr {best['lr']:g} and {best['best_epoch']} epochs chosen on a held-out {100 * args.holdout:g} % of train "
         f"({len(held)} images), refitted on all {len(train_set)}, val scored once")
 
@@ -245,14 +237,12 @@ def main():
     batch = process_batch(args.batch_size)
     with distributed() as device, one_line_errors():
         trunk, start = build_trunk(args, device), time.time()
-        train_set, val_set, num_classes = build_splits(args.dataset, args.data, args.val_data, eval_transform(
-            args.image_size, random_crop=args.augment), eval_transform(args.image_size), args.image_size, args.fake_size)
+        train_set, val_set, num_classes = eval_splits(args, random_crop=args.augment)
         train_set = label_subset(args, train_set)
         # the trunk is frozen: the val features are the same every epoch, in both modes
         val = extract_features(trunk, shard_loader(val_set, batch, args.workers), device, "val")
-        heads, top1, top5, selection = probe(args, trunk, train_set, val, num_classes, device)
+        heads, best, top1, top5, selection = probe(args, trunk, train_set, val, num_classes, device)
         if rank() == 0:
-            best = max(heads, key=lambda r: r["best_top1"])
             print(f"linear probe, {len(train_set)} train / {len(val[1])} val images, {num_classes} classes, "
                   f"{'augmented' if args.augment else 'cached'} mode, {args.epochs} epochs, {time.time() - start:.0f}s"
                   f"\n{'held-out' if args.holdout else 'val'} split:"
@@ -261,11 +251,8 @@ def main():
                 print(f"{r['lr']:>8g} {r['best_epoch']:>7} {r['best_top1']:10.2f} {r['best_top5']:10.2f} "
                       f"{r['last_top1']:10.2f} {r['last_top5']:10.2f}{'  <- best' if r is best else ''}")
             print(f"val top-1 {top1:.2f} %, top-5 {top5:.2f} %; selection: {selection}")
-            if args.out:
-                with open(args.out, "w") as file:
-                    json.dump({"args": vars(args), "epochs": args.epochs, "num_train": len(train_set), "num_val":
-                               len(val[1]), "num_classes": num_classes, "heads": heads, "best": best,
-                               "val": {"top1": top1, "top5": top5}, "selection": selection}, file, indent=2)
+            write_json(args, epochs=args.epochs, num_train=len(train_set), num_val=len(val[1]), num_classes=num_classes,
+                       heads=heads, best=best, val={"top1": top1, "top5": top5}, selection=selection)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ val split is refitted on train + val and scored once on test. docs/transfer.md: 
 goes, and the choices the papers leave open (objective scaling, held-out share, tolerance, standardisation).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from torchvision.transforms import v2
 
 from augment import MEAN, STD
 from data import build_dataset
-from eval_knn import add_common_args, build_trunk, extract_features, process_batch, shard_loader
+from eval_knn import add_common_args, build_trunk, extract_features, process_batch, shard_loader, write_json
 from eval_linear import balanced_subset
 from runtime import distributed, download_lock, rank
 
@@ -44,13 +43,11 @@ def transfer_transform(image_size: int) -> v2.Compose:
 def build_split(name: str, root: str, split: str, transform):
     """torchvision's dataset `name` (a TORCHVISION key), split "train", "val" (flowers102, dtd) or "test",
     downloaded into root when missing (cars excepted)."""
-    kind = getattr(torchvision.datasets, TORCHVISION[name])
-    extra = {"dtd": {"partition": 1}, "pets": {"target_types": "category"}}.get(name, {})
-    split = "trainval" if name == "pets" and split == "train" else split
+    kind, train = getattr(torchvision.datasets, TORCHVISION[name]), split == "train"
+    how = {"cifar10": {"train": train}, "cifar100": {"train": train}, "dtd": {"split": split, "partition": 1},
+           "pets": {"split": "trainval" if train else split, "target_types": "category"}}.get(name, {"split": split})
     with download_lock(root):   # one process of the machine at a time: the first downloads, the others wait
-        if name in ("cifar10", "cifar100"):
-            return kind(root, train=split == "train", transform=transform, download=True)
-        return kind(root, split=split, transform=transform, download=name != "cars", **extra)
+        return kind(root, transform=transform, download=name != "cars", **how)
 
 
 def load_splits(name: str, args, transform) -> dict:
@@ -76,52 +73,33 @@ def load_splits(name: str, args, transform) -> dict:
 
 def held_out(labels: torch.Tensor, seed: int):
     """labels [N] -> (train indices, val indices): VAL_SHARE of every class (rounded half up), drawn from seed."""
-    val = balanced_subset(labels.cpu(), VAL_SHARE, seed)
-    keep = torch.ones(len(labels), dtype=torch.bool)
-    keep[val] = False
-    return keep.nonzero().flatten(), val
+    val, everything = balanced_subset(labels.cpu(), VAL_SHARE, seed), torch.arange(len(labels))
+    return everything[~torch.isin(everything, val)], val
 
 
-_PROBLEM = {}   # what fit_logistic keeps of the last features it saw: a sweep fits the same features 45 times
+_PROBLEM = {}   # of the last features fit_logistic saw (a sweep fits the same ones 45 times): their fp32 copy and
+#                the eigenbasis of their Gram matrix; and that fit's (Newton steps, Hessian products)
 logits = lambda x, theta: x @ theta[:-1] + theta[-1]   # theta = [W; b], [D + 1, K]
 adjoint = lambda x, R: torch.cat([(R.T @ x).T, R.sum(0, keepdim=True)])   # R [N, K] -> [x, 1]^T R, [D + 1, K]
 penalised = lambda theta: torch.cat([theta[:-1], torch.zeros_like(theta[-1:])])   # W's rows, the bias as 0
 
 
-def _problem(features, labels, num_classes: int) -> dict:
-    """fit_logistic's state for these features, computed once for a sweep: one-hot targets, an fp32 copy, the
-    eigenbasis (U, S) of the Gram matrix X^T X / N (fp32, for the preconditioner) and the reference of the tolerance
-    (the largest gradient entry at W = 0, b = 0)."""
-    if _PROBLEM.get("features") is not features or _PROBLEM.get("labels") is not labels \
-            or _PROBLEM.get("num_classes") != num_classes:
-        targets, x32 = F.one_hot(labels, num_classes).to(features), features.float()
-        eigenvalues, eigenvectors = torch.linalg.eigh(x32.T @ x32 / len(x32))
-        reference = float(adjoint(features, 1 / num_classes - targets).abs().max()) / len(features)
-        _PROBLEM.clear()
-        _PROBLEM.update(features=features, labels=labels, num_classes=num_classes, targets=targets, x32=x32,
-                        basis=(eigenvectors, eigenvalues.clamp_min(0)), reference=max(reference, 1e-300))
-    return _PROBLEM
-
-
 def _newton_direction(problem, P, lam: float, gradient, target: float, budget: int):
     """Preconditioned conjugate gradient on H d = -gradient, d [D + 1, K] and H the Hessian at the softmax
-    probabilities P [N, K], in fp32 (a direction needs no more: the fp64 gradient decides convergence). The
-    preconditioner c X^T X / N + lam (bias: c), c the mean curvature of one logit, applied through the eigenbasis,
-    undoes the features' correlations (and off their span, where N < D, it is H itself). Stops when every entry of
-    the model's gradient H d + gradient is at most target, or after budget products. Returns (d in fp64, products)."""
+    probabilities P [N, K], in fp32 (a direction needs no more: the fp64 gradient decides convergence), on
+    problem's (_PROBLEM's) x32 and basis. The preconditioner c X^T X / N + lam (bias: c), c the mean curvature of
+    one logit, applied through the eigenbasis, undoes the features' correlations (and off their span, where N < D,
+    it is H itself). Stops when every entry of the model's gradient H d + gradient is at most target, or after
+    budget products. Returns (d in fp64, products)."""
     x32, (U, S), P = problem["x32"], problem["basis"], P.float()
     c = max(float((1 - P.square().sum(1)).mean()) / max(P.shape[1] - 1, 1), 1e-12)
     precondition = lambda r: torch.cat([U @ (U.T @ r[:-1] / (c * S + lam)[:, None]), r[-1:] / c])
-
-    def product(v):   # H v: two products with the features
-        Z = logits(x32, v)
-        return adjoint(x32, P * (Z - (P * Z).sum(1, keepdim=True))) / len(P) + lam * penalised(v)
-
     residual = -gradient.float()
     direction, search = torch.zeros_like(residual), precondition(residual)
     rz = float((residual * search).sum())
     for step in range(1, budget + 1):
-        H_search = product(search)
+        Z = logits(x32, search)   # H search: two products with the features
+        H_search = adjoint(x32, P * (Z - (P * Z).sum(1, keepdim=True))) / len(P) + lam * penalised(search)
         alpha = rz / float((search * H_search).sum())
         direction, residual = direction + alpha * search, residual - alpha * H_search
         if float(residual.abs().max()) <= target:
@@ -140,21 +118,25 @@ def fit_logistic(features, labels, num_classes: int, lam: float, init=None, tole
     W = 0 and b = log class counts (the optimum at W = 0). features [N, D] float64, labels [N]. It stops when every
     entry of the fp64 gradient is at most tolerance times the largest one at W = 0, b = 0, or after max_iter
     Hessian products. Returns (W, b, that relative gradient); _PROBLEM["steps"] = (Newton steps, products)."""
-    problem = _problem(features, labels, num_classes)
+    if _PROBLEM.get("features") is not features:   # the preconditioner's eigenbasis, once per sweep
+        x32 = features.float()
+        eigenvalues, eigenvectors = torch.linalg.eigh(x32.T @ x32 / len(x32))
+        _PROBLEM.update(features=features, x32=x32, basis=(eigenvectors, eigenvalues.clamp_min(0)))
+    targets = F.one_hot(labels, num_classes).to(features)   # the tolerance's reference: the gradient at W = 0, b = 0
+    reference = max(float(adjoint(features, 1 / num_classes - targets).abs().max()) / len(features), 1e-300)
     if init is None:
         counts = torch.bincount(labels, minlength=num_classes).to(features)
         init = features.new_zeros(features.shape[1], num_classes), counts.clamp_min(1).log()
-    theta, targets, newton, products = torch.cat([init[0], init[1][None]]), problem["targets"], 0, 0
-    known = init[0] is problem.get("W") and init[1] is problem.get("b")   # from the last fit: its logits are kept
-    Z = problem["logits"] if known else logits(features, theta)
+    theta, newton, products = torch.cat([init[0], init[1][None]]), 0, 0
+    Z = logits(features, theta)
     while True:
         P = Z.softmax(1)
         gradient = adjoint(features, P - targets) / len(Z) + lam * penalised(theta)
-        relative = float(gradient.abs().max()) / problem["reference"]
+        relative = float(gradient.abs().max()) / reference
         if relative <= tolerance or products >= max_iter:
             break
-        target = max(0.5 * tolerance, 0.01 * relative) * problem["reference"]
-        d, steps = _newton_direction(problem, P, lam, gradient, target, max_iter - products)
+        target = max(0.5 * tolerance, 0.01 * relative) * reference
+        d, steps = _newton_direction(_PROBLEM, P, lam, gradient, target, max_iter - products)
         Zd, newton, products = logits(features, d), newton + 1, products + steps
 
         def line(t):   # the objective at theta + t d and its slope along d
@@ -166,7 +148,7 @@ def fit_logistic(features, labels, num_classes: int, lam: float, init=None, tole
         while (point := line(t))[0] > start + 1e-4 * t * slope and point[1] > 0 and t > 1e-10:   # Armijo or downhill
             t /= 2
         theta, Z = theta + t * d, Z + t * Zd
-    problem.update(W=theta[:-1], b=theta[-1], logits=Z, steps=(newton, products))
+    _PROBLEM["steps"] = (newton, products)
     return theta[:-1], theta[-1], relative
 
 
@@ -195,7 +177,7 @@ def transfer_fit(train, val, test, per_class: bool = False) -> dict:
     num_classes = int(max(train_y.max(), val_y.max(), test_y.max())) + 1
     normalise = standardiser(train_x)
     x, vx = normalise(train_x), normalise(val_x)
-    params, curve, fits, best_val, began = None, [], [], -1.0, time.time()
+    params, curve, fits, began = None, [], [], time.time()
 
     def fit(features, labels, lam, init, scored, split):   # and print a line: an hour's sweep must not look hung
         start, (W, b, relative) = time.time(), fit_logistic(features, labels, num_classes, lam, init)
@@ -208,38 +190,44 @@ def transfer_fit(train, val, test, per_class: bool = False) -> dict:
 
     for lam in reversed(LAMBDAS):   # from the most regularised: each fit starts from the previous solution
         params, value = fit(x, train_y, lam, params, (vx, val_y), f"val ({len(fits) + 1} of {len(LAMBDAS)})")
-        curve.append([lam, value])
-        if value > best_val:   # strictly: of ties, the first met, the largest lambda
-            best_val, best_lambda, best_params = value, lam, params
+        curve.append([lam, value, params])
+    best_lambda, _, best_params = max(curve, key=lambda point: point[1])   # of ties the first met: the largest lambda
     all_x, all_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
     normalise = standardiser(all_x)
     _, test = fit(normalise(all_x), all_y, best_lambda, best_params, (normalise(test_x), test_y), "refit, test")
     _PROBLEM.clear()   # the features' copies and eigenbasis: not kept past the dataset
-    return {"test": test, "best_lambda": best_lambda, "val_curve": curve[::-1],
+    return {"test": test, "best_lambda": best_lambda, "val_curve": [point[:2] for point in curve[::-1]],
             "relative_gradient": max(entry[-1] for entry in fits), "fits": fits[-2::-1] + fits[-1:]}
 
 
-def run_dataset(name: str, args, trunk, transform, device):
-    """Extract the splits' features (each process a shard) and, on rank 0, fit: the JSON entry (None elsewhere)."""
+def run_dataset(name: str, args, trunk, transform, batch: int, device):
+    """Extract the splits' features (each process a shard, batch images a batch) and, on rank 0, fit and print a
+    summary line: the JSON entry (None elsewhere)."""
     splits, start = load_splits(name, args, transform), time.time()
-    batch = process_batch(args.batch_size)   # --batch-size is the global batch
     features = {split: extract_features(trunk, shard_loader(dataset, batch, args.workers), device,
                                         f"{name} {split}") for split, dataset in splits.items() if dataset is not None}
     extracted = time.time()
     if "val" not in features:
         x, y = features["train"]
-        try:
-            train_index, val_index = (index.to(y.device) for index in held_out(y, args.seed))
+        try:   # CPU indices select on any device
+            features["train"], features["val"] = ((x[index], y[index]) for index in held_out(y, args.seed))
         except ValueError:
             raise SystemExit(f"error: {name}: a class has under 3 train images, too few to hold "
                              f"{VAL_SHARE:.0%} out") from None
-        features["train"], features["val"] = (x[train_index], y[train_index]), (x[val_index], y[val_index])
     if rank() != 0:
         return None
     result = transfer_fit(features["train"], features["val"], features["test"], name in PER_CLASS)
-    return {"metric": "mean_per_class" if name in PER_CLASS else "top1", **result,
-            **{f"num_{split}": len(features[split][1]) for split in ("train", "val", "test")},
-            "feature_seconds": extracted - start, "seconds": time.time() - start}
+    result = {"metric": "mean_per_class" if name in PER_CLASS else "top1", **result,
+              **{f"num_{split}": len(features[split][1]) for split in ("train", "val", "test")},
+              "feature_seconds": extracted - start, "seconds": time.time() - start}
+    print(f"{name}: test {result['metric']} {result['test']:.2f} %, lambda {result['best_lambda']:.3g}, "
+          f"{result['num_train']} / {result['num_val']} / {result['num_test']} train / val / test, "
+          f"features {result['feature_seconds']:.0f} s, fit {result['seconds'] - result['feature_seconds']:.0f} s",
+          flush=True)
+    if result["relative_gradient"] > TOLERANCE:
+        print(f"  note: a fit stopped after {MAX_ITER} Hessian products at relative gradient "
+              f"{result['relative_gradient']:.1e}", flush=True)
+    return result
 
 
 def markdown_table(results: dict, label: str) -> str:
@@ -269,32 +257,20 @@ def main():
     args = add_common_args(parser, add_transfer_data_args).parse_args()
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):   # now, not after the fits
         parser.error(f"--out {args.out}: its folder does not exist; create it or choose another --out")
-    process_batch(args.batch_size)   # refused now, not once per dataset
+    batch = process_batch(args.batch_size)   # this process's share of the global batch; refused now, not later
     results, failed = {}, []
     with distributed() as device:
         trunk, transform = build_trunk(args, device), transfer_transform(args.image_size)
         for name in dict.fromkeys(args.datasets):
             try:
-                result = run_dataset(name, args, trunk, transform, device)
+                results[name] = run_dataset(name, args, trunk, transform, batch, device)   # None off rank 0
             except (SystemExit, ValueError) as error:   # one line, and the other datasets still run
                 failed.append(name)
                 if rank() == 0:
                     print(error if isinstance(error, SystemExit) else f"error: {error}", file=sys.stderr, flush=True)
-                continue
-            if rank() == 0:
-                results[name] = result
-                print(f"{name}: test {result['metric']} {result['test']:.2f} %, lambda {result['best_lambda']:.3g}, "
-                      f"{result['num_train']} / {result['num_val']} / {result['num_test']} train / val / test, "
-                      f"features {result['feature_seconds']:.0f} s, fit "
-                      f"{result['seconds'] - result['feature_seconds']:.0f} s", flush=True)
-                if result["relative_gradient"] > TOLERANCE:
-                    print(f"  note: a fit stopped after {MAX_ITER} Hessian products at relative gradient "
-                          f"{result['relative_gradient']:.1e}", flush=True)
         if rank() == 0:
             print(markdown_table(results, f"this run ({args.weights})"))
-            if args.out:
-                with open(args.out, "w") as file:
-                    json.dump({"args": vars(args), "datasets": results, "failed": failed}, file, indent=2)
+            write_json(args, datasets=results, failed=failed)
     if failed:
         raise SystemExit(f"error: {len(failed)} of {len(dict.fromkeys(args.datasets))} datasets did not run: "
                          f"{' '.join(failed)}")
