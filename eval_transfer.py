@@ -183,9 +183,10 @@ def transfer_fit(train, val, test, per_class: bool = False) -> dict:
         start, (W, b, relative) = time.time(), fit_logistic(features, labels, num_classes, lam, init)
         fits.append([lam, *_PROBLEM["steps"], time.time() - start, relative])
         value, left = score(scored[0] @ W + b, scored[1], per_class), len(LAMBDAS) + 1 - len(fits)
-        print(f"  lambda {lam:.3g}: {split} {value:.2f} %, {fits[-1][1]} Newton steps ({fits[-1][2]} Hessian "
-              f"products), {fits[-1][3]:.1f} s, relative gradient {relative:.1e}, ETA "
-              f"{left * (time.time() - began) / len(fits):.0f} s", flush=True)
+        if rank() == 0:
+            print(f"  lambda {lam:.3g}: {split} {value:.2f} %, {fits[-1][1]} Newton steps ({fits[-1][2]} Hessian "
+                  f"products), {fits[-1][3]:.1f} s, relative gradient {relative:.1e}, ETA "
+                  f"{left * (time.time() - began) / len(fits):.0f} s", flush=True)
         return [W, b], value
 
     for lam in reversed(LAMBDAS):   # from the most regularised: each fit starts from the previous solution
@@ -201,8 +202,10 @@ def transfer_fit(train, val, test, per_class: bool = False) -> dict:
 
 
 def run_dataset(name: str, args, trunk, transform, batch: int, device):
-    """Extract the splits' features (each process a shard, batch images a batch) and, on rank 0, fit and print a
-    summary line: the JSON entry (None elsewhere)."""
+    """Extract the splits' features (each process a shard, batch images a batch; every process then holds them all),
+    fit and, on rank 0, print a summary line: the JSON entry. Every process fits, the same sweep on the same features:
+    a rank that skipped it would wait for rank 0 in the next dataset's collectives, and a long fit (fp64 on a GPU
+    with little of it) would pass the process group's timeout."""
     splits, start = load_splits(name, args, transform), time.time()
     features = {split: extract_features(trunk, shard_loader(dataset, batch, args.workers), device,
                                         f"{name} {split}") for split, dataset in splits.items() if dataset is not None}
@@ -214,17 +217,15 @@ def run_dataset(name: str, args, trunk, transform, batch: int, device):
         except ValueError:
             raise SystemExit(f"error: {name}: a class has under 3 train images, too few to hold "
                              f"{VAL_SHARE:.0%} out") from None
-    if rank() != 0:
-        return None
     result = transfer_fit(features["train"], features["val"], features["test"], name in PER_CLASS)
     result = {"metric": "mean_per_class" if name in PER_CLASS else "top1", **result,
               **{f"num_{split}": len(features[split][1]) for split in ("train", "val", "test")},
               "feature_seconds": extracted - start, "seconds": time.time() - start}
-    print(f"{name}: test {result['metric']} {result['test']:.2f} %, lambda {result['best_lambda']:.3g}, "
-          f"{result['num_train']} / {result['num_val']} / {result['num_test']} train / val / test, "
-          f"features {result['feature_seconds']:.0f} s, fit {result['seconds'] - result['feature_seconds']:.0f} s",
-          flush=True)
-    if result["relative_gradient"] > TOLERANCE:
+    if rank() == 0:
+        print(f"{name}: test {result['metric']} {result['test']:.2f} %, lambda {result['best_lambda']:.3g}, "
+              f"{result['num_train']} / {result['num_val']} / {result['num_test']} train / val / test, features "
+              f"{result['feature_seconds']:.0f} s, fit {result['seconds'] - result['feature_seconds']:.0f} s", flush=True)
+    if rank() == 0 and result["relative_gradient"] > TOLERANCE:
         print(f"  note: a fit stopped after {MAX_ITER} Hessian products at relative gradient "
               f"{result['relative_gradient']:.1e}", flush=True)
     return result
@@ -263,7 +264,7 @@ def main():
         trunk, transform = build_trunk(args, device), transfer_transform(args.image_size)
         for name in dict.fromkeys(args.datasets):
             try:
-                results[name] = run_dataset(name, args, trunk, transform, batch, device)   # None off rank 0
+                results[name] = run_dataset(name, args, trunk, transform, batch, device)
             except (SystemExit, ValueError) as error:   # one line, and the other datasets still run
                 failed.append(name)
                 if rank() == 0:

@@ -528,21 +528,3 @@ def test_slurm_script_runs_a_torchrun_per_node_and_requeues_itself_after_sigusr1
     steps, finals = read_log(out)
     assert [r["step"] for r in steps] == list(range(1, 9)) and len(finals) == 1 and finals[0]["ranks_identical"]
     assert log.read_text().count("requeue") == 1
-
-
-def test_bench_transfer_sets_the_sweep_beside_scikit_learns_or_says_it_is_missing(monkeypatch, capsys):
-    """bench.py --transfer 400 8 3: the TRANSFER line has our seconds, lambda, top-1 and worst relative gradient;
-    with scikit-learn, its lbfgs sweep over the same protocol picks the same lambda and top-1, none at
-    max_iter, and the speed-up; without it (import blocked here), the line says so."""
-    bench.bench_transfer(400, 8, 3, torch.device("cpu"))
-    line = capsys.readouterr().out.splitlines()[-1]
-    ours = re.match(r"TRANSFER features=400x8 classes=3 device=cpu threads=\d+ sweep\+refit=[\d.]+s lambda=(\S+) "
-                    r"test_top1=(\S+) relative_gradient=(\S+) \| ", line)
-    assert ours and float(ours[3]) <= 1e-5
-    if importlib.util.find_spec("sklearn") is not None:
-        theirs = re.search(r"\| scikit-learn lbfgs: sweep\+refit=[\d.]+s lambda=(\S+) test_top1=(\S+) "
-                           r"relative_gradient=(\S+) fits_at_max_iter=0 \| speed-up=[\d.]+x ", line)
-        assert theirs and theirs.groups()[:2] == ours.groups()[:2] and float(theirs[3]) < 1e-4
-    monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)
-    bench.bench_transfer(400, 8, 3, torch.device("cpu"))
-    assert capsys.readouterr().out.splitlines()[-1].endswith("| scikit-learn not installed (pip install scikit-learn)")
