@@ -27,7 +27,8 @@ def parse_args():
     parser.add_argument("--lr", type=float, default=0.05, help="per 256 images: the peak lr is lr x --batch-size / 256")
     parser.add_argument("--epochs", type=int, help="default 60 when the labelled images are under 5 %% of train "
                         "(SimCLR's 1 %%), else 30 (its 10 %%)")
-    parser.add_argument("--amp", choices=["bf16", "fp16", "off"], help="as train.py: CPU off; bf16 from compute capability 8, else fp16")
+    parser.add_argument("--amp", choices=["bf16", "fp16", "off"], help="as train.py: CPU off; bf16 from compute "
+                        "capability 8, else fp16")
     parser.add_argument("--save", help="folder for finetuned.pth (written at the end)")
     add_label_args(parser)
     args = parser.parse_args()

@@ -224,7 +224,8 @@ def run_dataset(name: str, args, trunk, transform, batch: int, device):
     if rank() == 0:
         print(f"{name}: test {result['metric']} {result['test']:.2f} %, lambda {result['best_lambda']:.3g}, "
               f"{result['num_train']} / {result['num_val']} / {result['num_test']} train / val / test, features "
-              f"{result['feature_seconds']:.0f} s, fit {result['seconds'] - result['feature_seconds']:.0f} s", flush=True)
+              f"{result['feature_seconds']:.0f} s, fit {result['seconds'] - result['feature_seconds']:.0f} s",
+              flush=True)
     if rank() == 0 and result["relative_gradient"] > TOLERANCE:
         print(f"  note: a fit stopped after {MAX_ITER} Hessian products at relative gradient "
               f"{result['relative_gradient']:.1e}", flush=True)
