@@ -85,7 +85,9 @@ _PROBLEM = {}   # of the last features and labels fit_logistic saw (a sweep fits
 logits = lambda x, theta: (x @ theta[:-1].to(x)).to(theta) + theta[-1]   # theta = [W; b], [D + 1, K]; x W in x's
 #                precision, the bias added in theta's: with fp32 x and fp64 theta, a bias that dwarfs x W (strong
 #                lambda) leaves x W's differences between classes, which fp32 would round away next to it
-adjoint = lambda x, R: torch.cat([(R.T @ x).T, R.sum(0, keepdim=True)])   # R [N, K] -> [x, 1]^T R, [D + 1, K]
+adjoint = lambda x, R: torch.cat([(R.to(x).T @ x).T.to(R), R.sum(0, keepdim=True)])   # R [N, K] -> [x, 1]^T R,
+#                [D + 1, K]; likewise x^T R in x's precision, the bias's sum in R's: exact sums keep the bias where
+#                it belongs at strong lambda, where its slightest error moves predictions more than x W does
 penalised = lambda theta: torch.cat([theta[:-1], torch.zeros_like(theta[-1:])])   # W's rows, the bias as 0
 
 
@@ -141,7 +143,7 @@ def fit_logistic(features, labels, num_classes: int, lam: float, init=None, tole
     Z = logits(x32, theta)   # [N, K] fp64 from an fp32 pass
     while True:
         P = Z.softmax(1)
-        gradient = adjoint(x32, (P - targets).float()).double() / len(Z) + lam * penalised(theta)
+        gradient = adjoint(x32, P - targets) / len(Z) + lam * penalised(theta)
         relative = float(gradient.abs().max()) / reference
         if relative <= 0.9 * tolerance or products >= max_iter:   # 0.9: room for the fp32 gradient's rounding
             break
